@@ -1,0 +1,3 @@
+from klas.cli import main
+
+main()
