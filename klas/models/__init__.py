@@ -1,0 +1,19 @@
+"""timm adapters: split a model into stem -> blocks -> head, with shapes and per-block cost."""
+from klas.models.adapters import (
+    SUPPORTED_FAMILIES,
+    Adapter,
+    ConvNeXtAdapter,
+    ResNetAdapter,
+    SwinAdapter,
+    ViTAdapter,
+    adapt,
+    adapter_class,
+)
+from klas.models.load import LoadedModel, ModelSpec, build_model, data_config_of, load_model, parse_spec
+from klas.models.profile import Profile, Rep, count_macs, profile_adapter
+
+__all__ = [
+    "SUPPORTED_FAMILIES", "Adapter", "ConvNeXtAdapter", "ResNetAdapter", "SwinAdapter", "ViTAdapter",
+    "adapt", "adapter_class", "LoadedModel", "ModelSpec", "build_model", "data_config_of", "load_model",
+    "parse_spec", "Profile", "Rep", "count_macs", "profile_adapter",
+]

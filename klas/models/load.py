@@ -1,0 +1,169 @@
+"""Turn a ``--model`` argument into an eval-mode timm model with known weights.
+
+Three sources of weights:
+
+* ``NAME``: timm's pretrained weights (downloaded on the user's machine), or for the demo family
+  (``klas_vit_ti``, ...) the weights klas trains locally under ``cache/zoo``;
+* ``NAME=path/to/file.safetensors|.pth``: a local file;
+* ``random_init=True``: untrained, seeded weights (what the tests use; never touches the network).
+"""
+from __future__ import annotations
+
+import difflib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from klas.errors import KlasError
+from klas.models.adapters import Adapter, adapt, adapter_class
+from klas.models.profile import Profile, profile_adapter
+from klas.utils import DEFAULT_ROOT, sha256_file, sha256_state_dict
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``--model`` argument."""
+
+    arch: str  # timm architecture name
+    path: Path | None = None  # local weights, if given
+
+    @property
+    def name(self) -> str:
+        return self.arch
+
+    def __str__(self) -> str:
+        return self.arch if self.path is None else f"{self.arch}={self.path}"
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """``NAME`` or ``NAME=path``; checks the name against timm's registry and the path on disk."""
+    arch, sep, path = text.partition("=")
+    arch = arch.strip()
+    _check_arch(arch)
+    if not sep:
+        return ModelSpec(arch)
+    p = Path(path.strip()).expanduser()
+    if not p.is_file():
+        raise KlasError(f"weights file for {arch} not found: {p}; give an existing .safetensors or .pth file")
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise KlasError(f"weights file {p} has suffix {p.suffix!r}; klas reads {', '.join(WEIGHT_SUFFIXES)}")
+    return ModelSpec(arch, p)
+
+
+def _check_arch(arch: str) -> None:
+    import klas.zoo  # noqa: F401  registers the demo family with timm
+
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the names"
+    raise KlasError(f"unknown model {arch!r}: {hint}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure is the user's file, not our bug
+        raise KlasError(f"cannot read weights {path} ({exc.__class__.__name__}); check the file is a state dict") from exc
+    for key in ("state_dict", "model", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise KlasError(f"weights file {path} holds no state dict; save model.state_dict() to it")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classifier_outputs(arch: str, state: dict[str, torch.Tensor]) -> int | None:
+    key = timm.models.get_pretrained_cfg_value(arch, "classifier") or "head"
+    key = key if isinstance(key, str) else key[0]
+    w = state.get(f"{key}.weight")
+    return int(w.shape[0]) if w is not None else None
+
+
+def _create(arch: str, pretrained: bool, **kwargs) -> nn.Module:
+    model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+    adapter_class(model, arch)  # fail early, before any weights are read, for unsupported families
+    return model
+
+
+def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT_ROOT, seed: int = 0) -> tuple[nn.Module, str]:
+    """The eval-mode model for a spec and a hash of its weights."""
+    from klas.zoo import is_zoo_model, zoo_weights
+
+    if random_init:
+        torch.manual_seed(seed ^ zlib.crc32(spec.arch.encode()))
+        model = _create(spec.arch, pretrained=False)
+        return model.eval(), sha256_state_dict(model.state_dict())
+    path = spec.path
+    if path is None and is_zoo_model(spec.arch):
+        path = zoo_weights(spec.arch, root=root)
+    if path is None:
+        try:
+            model = _create(spec.arch, pretrained=True)
+        except KlasError:
+            raise
+        except Exception as exc:
+            raise KlasError(
+                f"could not get pretrained weights for {spec.arch} ({exc.__class__.__name__}); "
+                f"pass {spec.arch}=path/to/weights.safetensors or use --random-init"
+            ) from exc
+        return model.eval(), sha256_state_dict(model.state_dict())
+    state = _read_state_dict(path)
+    classes = _classifier_outputs(spec.arch, state)
+    model = _create(spec.arch, pretrained=False, **({"num_classes": classes} if classes else {}))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise KlasError(f"weights {path} do not fit {spec.arch} ({what}); pass the architecture they were trained with")
+    return model.eval(), sha256_file(path)
+
+
+@dataclass
+class LoadedModel:
+    """An adapted model with everything a stage needs to know about it."""
+
+    spec: ModelSpec
+    adapter: Adapter
+    profile: Profile
+    weights_sha256: str
+    data_config: dict
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def data_config_of(model: nn.Module) -> dict:
+    """timm's preprocessing for a model (input size, interpolation, mean, std, crop)."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def load_model(
+    spec: ModelSpec | str,
+    random_init: bool = False,
+    root: Path = DEFAULT_ROOT,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Build, adapt and profile one model; always eval mode with dropout and drop-path off."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    model, digest = build_model(spec, random_init=random_init, root=root, seed=seed)
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = adapt(model, spec.arch)
+    cfg = data_config_of(model)
+    profile = profile_adapter(adapter, tuple(cfg["input_size"]))
+    return LoadedModel(spec, adapter, profile, digest, cfg)
