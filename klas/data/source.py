@@ -1,0 +1,47 @@
+"""What a calibration data set looks like to the rest of klas, and how a ``--data`` argument is opened."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+from klas.utils import DEFAULT_ROOT
+
+#: The three disjoint splits every data set is cut into (see :func:`klas.data.make_splits`).
+#: ``probe-train`` fits probes / trains stitches, ``score`` ranks candidates, ``eval`` is only reported.
+SPLITS: tuple[str, ...] = ("probe-train", "score", "eval")
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """One labelled image set, all splits together; sample ids are ``range(len(source))``.
+
+    A source may also carry ``groups``: an int64 array, one entry per sample, naming the original the
+    sample was derived from. :func:`klas.data.make_splits` keeps each group inside one split so no
+    original leaks between splits (the digits set uses it; folders treat every file as its own group).
+    """
+
+    name: str  # "digits" or the directory path
+    classes: list[str]  # sorted class names; label ``i`` is ``classes[i]``
+    fingerprint: str  # hex sha256 identifying the exact content
+
+    def __len__(self) -> int: ...
+
+    def label(self, idx: int) -> int: ...
+
+    def load(self, idx: int) -> Image.Image: ...  # RGB
+
+
+def open_source(data: str, root: Path = DEFAULT_ROOT) -> ImageSource:
+    """Open ``--data``: ``"digits"`` is the built-in digits set, anything else an ImageFolder-style directory.
+
+    ``root`` is the klas cache root; the digits set caches its generated images under ``root/data``.
+    """
+    if str(data) == "digits":
+        from klas.data.digits import DigitsSource
+
+        return DigitsSource(root=root)
+    from klas.data.folder import FolderSource
+
+    return FolderSource(data)
