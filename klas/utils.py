@@ -102,7 +102,7 @@ def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -118,3 +118,47 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
             f"not enough disk space at {probe}: need {needed_bytes / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB free; free some space or choose another --out"
         )
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size); under torchrun, initialises the default process group on first call.
+
+    gloo on CPU, nccl when CUDA is present. Outside torchrun this is (0, 1) and nothing is set up.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def dist_barrier() -> None:
+    """A barrier when running distributed, a no-op otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that decide whether two runs can produce the same numbers."""
+    import platform
+
+    import timm
+
+    import klas
+
+    return {
+        "klas": klas.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def sha256_json(data: Any) -> str:
+    """Hex SHA-256 of a JSON-able object in canonical form (sorted keys)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

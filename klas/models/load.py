@@ -156,8 +156,13 @@ def load_model(
     root: Path = DEFAULT_ROOT,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    input_size: tuple[int, int, int] | None = None,
 ) -> LoadedModel:
-    """Build, adapt and profile one model; always eval mode with dropout and drop-path off."""
+    """Build, adapt and profile one model; always eval mode with dropout and drop-path off.
+
+    Costs are measured at ``input_size`` (default: the model's own data config), the resolution the
+    model will actually see.
+    """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     model, digest = build_model(spec, random_init=random_init, root=root, seed=seed)
     model = model.to(device).eval()
@@ -165,5 +170,12 @@ def load_model(
         p.requires_grad_(False)
     adapter = adapt(model, spec.arch)
     cfg = data_config_of(model)
-    profile = profile_adapter(adapter, tuple(cfg["input_size"]))
+    size = tuple(input_size or cfg["input_size"])
+    try:
+        profile = profile_adapter(adapter, size)
+    except Exception as exc:  # e.g. a ViT built for another resolution
+        raise KlasError(
+            f"{spec.arch} does not accept inputs of size {list(size)} ({exc.__class__.__name__}); "
+            "use models that share an input size or override the preprocessing"
+        ) from exc
     return LoadedModel(spec, adapter, profile, digest, cfg)
