@@ -1,0 +1,283 @@
+"""Stage 2, ``klas search``: probes -> block distances -> stitch scores -> selection -> run directory.
+
+The method (KLAS, ICLR 2026) as klas implements it:
+
+1. A linear probe per block of every model, trained on the probe-train split's cached features
+   (labels, or with ``probe_target="model"`` the model's own final softmax: label-free).
+2. On the score split, P_{m,r}(x) = softmax(probe_{m,r}(x) / T) and
+   Θ(m_r, m'_r') = mean_x KL(P_{m,r}(x) || P_{m',r'}(x)) for every pair of representations.
+3. Stitch score Γ = Θ(a_src, b_dst) / Σ with Σ = Θ(b_dst, b_dst+1): the KL between what the stitch
+   must imitate and the next representation of the target, i.e. how much the first block the
+   target still runs changes things. Lower is better. Because a stitch always leaves at least one
+   target block to run (docs/formats.md), representation dst+1 exists, so Σ is always defined;
+   the last-block case (dst = n_b - 1) compares the target's last block input with its output.
+   Σ is floored at 1e-8 so a block that changes nothing cannot divide by zero.
+4. Anchor pairs: the KL between two models' real final softmax outputs ranks model pairs.
+5. Selection: see :mod:`klas.select`.
+
+Only the probe-train and score splits are read here; the eval split is left for ``klas train``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from klas.cache import Cache, open_cache
+from klas.errors import KlasError
+from klas.select import STRATEGIES, check_selection_args, select
+from klas.stitch.candidates import Candidate, anchors, enumerate_stitches
+from klas.utils import DEFAULT_ROOT, package_versions, read_json, resolve_device, sha256_json, write_json_atomic
+
+PROBE_TARGETS = ("labels", "model")
+SIGMA_FLOOR = 1e-8
+SELECTION_FORMAT = "klas.selection/1"
+CHUNK = 2048
+
+
+@dataclass
+class SearchResult:
+    """What ``search`` decided, for printing; the same content is on disk in ``run_dir``."""
+
+    run_dir: Path
+    selection: dict
+    rows: list[dict]  # every candidate and anchor, as in candidates.parquet
+    probe_accuracy: dict[str, list[float]]  # model -> top-1 per representation (score split)
+    anchor_pairs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def selected(self) -> list[dict]:
+        return sorted((r for r in self.rows if r["selected"]), key=lambda r: (r["macs"], r["id"]))
+
+
+def _probe_index(cache: Cache) -> list[tuple[str, int]]:
+    """(model, representation) of every probe, in bank order."""
+    return [(m, r.index) for m in cache.model_names for r in cache.profiles[m].reps]
+
+
+def _features(cache: Cache, split: str, index: list[tuple[str, int]]) -> list[np.ndarray]:
+    return [cache.rep_features(split, m, r) for m, r in index]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    return torch.softmax(z, dim=1).numpy()
+
+
+def _probe_chunks(bank, feats: list[np.ndarray], chunk: int = CHUNK) -> Iterator[torch.Tensor]:
+    n = feats[0].shape[0]
+    for s in range(0, n, chunk):
+        yield bank.logits([f[s : s + chunk] for f in feats])  # (P, n_chunk, C)
+
+
+def _check_cache(cache: Cache, probe_target: str) -> None:
+    if len(cache.model_names) < 2:
+        raise KlasError(
+            f"cache {cache.path} has {len(cache.model_names)} model; stitching needs at least two: "
+            "re-run klas cache with two or more --model"
+        )
+    missing = [s for s in ("probe-train", "score") if s not in cache.splits]
+    if missing:
+        raise KlasError(f"cache {cache.path} lacks split {', '.join(missing)}; re-run klas cache with --split probe-train,score,eval")
+    if probe_target not in PROBE_TARGETS:
+        raise KlasError(f"unknown --probe-target {probe_target!r}; use labels or model")
+    if probe_target == "labels" and len(cache.classes) < 2:
+        raise KlasError(f"cache {cache.path} has no labels; use --probe-target model (label-free)")
+    if probe_target == "model" and len({cache.model(m)["num_classes"] for m in cache.model_names}) > 1:
+        raise KlasError("--probe-target model needs models with the same classifier size; use --probe-target labels")
+
+
+def search(
+    cache_path: Path | str,
+    run_dir: Path | str | None = None,
+    *,
+    budget: float | None = None,
+    strategy: str = "klas",
+    buckets: int = 20,
+    tau: float = 0.05,
+    direction: str = "up",
+    probe_target: str = "labels",
+    temperature: float = 1.0,
+    probe_epochs: int = 10,
+    layer: str = "linear",
+    seed: int = 0,
+    device: str | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Score every binary stitch between the cached models and select the ones worth training.
+
+    ``budget`` is in GFLOPs (fvcore convention: one multiply-add = one FLOP); only stitches at or
+    under it are kept, by every strategy. Writes ``run_dir`` (default ``cache/runs/<cache>-<strategy>``,
+    see docs/formats.md) and returns the same content.
+    """
+    from klas.probes import train_probes
+    from klas.score import kl_matrix, linear_cka_matrix
+
+    start = time.perf_counter()
+    console = console or Console(stderr=True)
+    check_selection_args(strategy, buckets, tau, budget)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise KlasError(f"--temperature must be positive, got {temperature}")
+    cache = open_cache(cache_path)
+    _check_cache(cache, probe_target)
+    run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-{strategy}"
+    inputs = {
+        "cache": cache.fingerprint, "budget": budget, "strategy": strategy, "buckets": buckets, "tau": tau,
+        "direction": direction, "probe_target": probe_target, "temperature": temperature,
+        "probe_epochs": probe_epochs, "layer": layer, "seed": seed,
+    }
+    _check_run_dir(run_dir, sha256_json(inputs), overwrite)
+    dev = resolve_device(device)
+
+    profiles = cache.profiles
+    stitches = enumerate_stitches(profiles, direction, layer)
+    anchor_list = anchors(profiles)
+    index = _probe_index(cache)
+    where = {key: p for p, key in enumerate(index)}
+
+    labels = np.asarray(cache.labels("probe-train"))
+    if probe_target == "labels":
+        targets, target_index, classes = labels, None, len(cache.classes)
+    else:
+        targets = np.stack([_softmax(cache.logits("probe-train", m)) for m in cache.model_names])  # (k, N, C)
+        target_index = [cache.model_names.index(m) for m, _ in index]
+        classes = targets.shape[2]
+
+    with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not progress) as bar:
+        task = bar.add_task(f"training {len(index)} probes", total=None)
+        bank = train_probes(
+            _features(cache, "probe-train", index), targets, classes, epochs=probe_epochs, seed=seed, device=dev,
+            target_index=target_index, progress=lambda s, t: bar.update(task, completed=s, total=t),
+        )
+        score_feats = _features(cache, "score", index)
+        n_score = score_feats[0].shape[0]
+        task = bar.add_task(f"KL over {len(index)}² block pairs", total=math.ceil(n_score / CHUNK))
+
+        def counted(chunks):
+            for c in chunks:
+                yield c
+                bar.advance(task)
+
+        theta = kl_matrix(counted(_probe_chunks(bank, score_feats)), temperature=temperature, device=dev).numpy()
+        cka = linear_cka_matrix(score_feats, seed=seed).numpy() if strategy == "cka" else None
+
+    score_labels = np.asarray(cache.labels("score"))
+    probe_acc = bank.accuracy(score_feats, score_labels) if probe_target == "labels" else None
+    probe_accuracy = {}
+    for m in cache.model_names:
+        probe_accuracy[m] = [float(probe_acc[where[(m, r.index)]]) if probe_acc is not None else float("nan")
+                             for r in profiles[m].reps]
+
+    t_idx = np.array([where[(c.src, c.src_cut)] for c in stitches])
+    d_idx = np.array([where[(c.dst, c.dst_cut)] for c in stitches])
+    n_idx = np.array([where[(c.dst, c.dst_cut + 1)] for c in stitches])
+    th = theta[t_idx, d_idx]
+    sigma = theta[d_idx, n_idx]
+    gamma = th / np.maximum(sigma, SIGMA_FLOOR)
+    cka_dist = 1.0 - cka[t_idx, d_idx] if cka is not None else None
+
+    budget_macs = budget * 1e9 if budget is not None else None
+    keep, bucket = select(strategy, stitches, anchor_list, profiles, gamma=gamma, cka_distance=cka_dist,
+                          budget_macs=budget_macs, buckets=buckets, tau=tau, seed=seed)
+
+    rows = _rows(stitches, anchor_list, th, sigma, gamma, cka_dist, keep, bucket, strategy, budget_macs)
+    pairs = _anchor_pairs(cache, temperature, dev)
+    selection = {
+        "format": SELECTION_FORMAT,
+        "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
+        "inputs": sha256_json(inputs),
+        **{k: v for k, v in inputs.items() if k != "cache"},
+        "budget_gflops": budget,
+        "num_candidates": len(stitches),
+        "anchors": [{"name": a.src, "macs": a.macs, "params": a.params} for a in anchor_list
+                    if budget_macs is None or a.macs <= budget_macs],
+        "stitches": [
+            {k: r[k] for k in ("id", "src", "src_cut", "dst", "dst_cut", "route", "macs", "params", "theta", "gamma", "bucket")}
+            for r in rows if r["selected"] and r["kind"] == "stitch"
+        ],
+        "anchor_pairs": pairs,
+        "versions": package_versions(),
+    }
+    _write_run(run_dir, rows, bank, probe_accuracy, selection)
+    return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start)
+
+
+def _rows(stitches: list[Candidate], anchor_list: list[Candidate], theta, sigma, gamma, cka_dist, keep, bucket,
+          strategy: str, budget_macs: float | None) -> list[dict]:
+    rows = []
+    for k, c in enumerate(stitches):
+        rows.append({
+            "id": c.id, "kind": "stitch", "route": c.route, "src": c.src, "src_cut": c.src_cut, "dst": c.dst,
+            "dst_cut": c.dst_cut, "macs": c.macs, "gflops": c.macs / 1e9, "params": c.params,
+            "theta": float(theta[k]), "sigma": float(sigma[k]), "gamma": float(gamma[k]),
+            "cka_distance": float(cka_dist[k]) if cka_dist is not None else float("nan"),
+            "bucket": int(bucket[k]), "selected": bool(keep[k]), "strategy": strategy,
+        })
+    for a in anchor_list:
+        ok = budget_macs is None or a.macs <= budget_macs
+        rows.append({
+            "id": a.id, "kind": "anchor", "route": a.route, "src": a.src, "src_cut": a.src_cut, "dst": None,
+            "dst_cut": None, "macs": a.macs, "gflops": a.macs / 1e9, "params": a.params, "theta": float("nan"),
+            "sigma": float("nan"), "gamma": float("nan"), "cka_distance": float("nan"), "bucket": -1,
+            "selected": ok, "strategy": strategy,
+        })
+    return rows
+
+
+def _anchor_pairs(cache: Cache, temperature: float, dev: torch.device) -> list[dict]:
+    """KL between every two models' final softmax on the score split (their real outputs, not probes)."""
+    from klas.score import kl_matrix
+
+    names = cache.model_names
+    if len({cache.model(m)["num_classes"] for m in names}) > 1:
+        return []
+    logits = [cache.logits("score", m) for m in names]
+    n = logits[0].shape[0]
+    chunks = (torch.stack([torch.from_numpy(np.asarray(l[s : s + CHUNK], dtype=np.float32)) for l in logits])
+              for s in range(0, n, CHUNK))
+    kl = kl_matrix(chunks, temperature=temperature, device=dev).numpy()
+    pairs = [{"src": a, "dst": b, "kl": float(kl[i, j])} for i, a in enumerate(names) for j, b in enumerate(names) if i != j]
+    return sorted(pairs, key=lambda p: p["kl"])
+
+
+def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
+    sel = run_dir / "selection.json"
+    if not sel.is_file() or overwrite:
+        return
+    if read_json(sel, "selection").get("inputs") != inputs:
+        raise KlasError(f"run {run_dir} holds a selection made with other inputs; pass --run NAME for a new run or --overwrite")
+
+
+def _write_run(run_dir: Path, rows: list[dict], bank, probe_accuracy: dict, selection: dict) -> None:
+    """Write the search's files; selection.json, what the next stage reads, goes last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".candidates.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(run_dir / "candidates.parquet")
+    tmp = run_dir / ".probes.safetensors.tmp"
+    bank.save(tmp)
+    tmp.replace(run_dir / "probes.safetensors")
+    lines = ["model,representation,block,probe_top1_score_split"]
+    for m, accs in probe_accuracy.items():
+        lines += [f"{m},{r},{'stem' if r == 0 else r - 1},{a:.6f}" for r, a in enumerate(accs)]
+    tmp = run_dir / ".probe_accuracy.csv.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(run_dir / "probe_accuracy.csv")
+    write_json_atomic(run_dir / "selection.json", selection)
+
+
+__all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "search"]
