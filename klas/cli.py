@@ -103,6 +103,75 @@ def cache(
         out.print(f"{summary.images} images through {len(summary.rows)} models in {summary.seconds:.1f} s")
 
 
+def _gflops(macs: float) -> str:
+    return f"{macs / 1e9:.4f}"
+
+
+@app.command("search")
+def search_cmd(
+    cache_dir: Path = typer.Argument(..., help="A cache directory written by klas cache."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Keep stitches costing at most this many GFLOPs (fvcore: 1 multiply-add = 1 FLOP)."),
+    strategy: str = typer.Option("klas", help="klas (KL probes, the default), snnet (SN-Net's fixed pairs), random, or cka."),
+    buckets: int = typer.Option(20, help="Equal-width FLOPs buckets between the cheapest candidate and the largest anchor."),
+    tau: float = typer.Option(0.05, help="Also keep stitches within (1+tau) of a bucket's best score; in [0, 1)."),
+    direction: str = typer.Option("up", help="up: cheaper model -> more expensive one; both: every ordered pair."),
+    probe_target: str = typer.Option("labels", "--probe-target", help="labels (cross-entropy) or model (the model's own softmax: label-free)."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature T of the probe distributions."),
+    probe_epochs: int = typer.Option(10, "--probe-epochs"),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory [default: cache/runs/<cache>-<strategy>]."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other inputs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON on stdout (tables go to stderr)."),
+) -> None:
+    """Train per-block probes, score every binary stitch by KL, and select the ones worth training."""
+    from klas.search import search
+
+    result = search(
+        cache_dir, run, budget=budget, strategy=strategy, buckets=buckets, tau=tau, direction=direction,
+        probe_target=probe_target, temperature=temperature, probe_epochs=probe_epochs, seed=seed, device=device,
+        overwrite=overwrite, console=err,
+    )
+    show = err if as_json else out
+    if probe_target == "labels":
+        show.print(_probe_table(result.probe_accuracy))
+    if result.anchor_pairs:
+        pairs = Table(title="anchor pairs: KL(final softmax a || b) on the score split")
+        for col in ("from", "to", "KL"):
+            pairs.add_column(col, justify="right" if col == "KL" else "left")
+        for p in result.anchor_pairs:
+            pairs.add_row(p["src"], p["dst"], f"{p['kl']:.4f}")
+        show.print(pairs)
+    sel = result.selection
+    title = (f"{len(sel['stitches'])} of {sel['num_candidates']} stitches selected by {strategy}"
+             + (f" under {budget:g} GFLOPs" if budget is not None else ""))
+    table = Table(title=title, caption=f"{FLOPS_CONVENTION}. Γ = Θ(a_i, b_j) / Θ(b_j, b_j+1), lower is better.")
+    for col in ("route", "GFLOPs", "params", "Θ", "Γ", "bucket"):
+        table.add_column(col, justify="left" if col == "route" else "right")
+    for r in result.selected:
+        anchor = r["kind"] == "anchor"
+        table.add_row(
+            f"[bold]{r['route']}[/] (anchor)" if anchor else r["route"], _gflops(r["macs"]),
+            f"{r['params'] / 1e6:.2f}M", "" if anchor else f"{r['theta']:.4f}", "" if anchor else f"{r['gamma']:.3f}",
+            "" if anchor else str(r["bucket"]),
+        )
+    show.print(table)
+    show.print(f"run directory: {result.run_dir}  (next: klas train {result.run_dir})  [{result.seconds:.1f} s]")
+    if as_json:
+        print(json.dumps(sel, indent=2))
+
+
+def _probe_table(acc: dict[str, list[float]]) -> Table:
+    width = max(len(v) for v in acc.values())
+    table = Table(title="probe top-1 (%) on the score split, by representation (0 = stem, r = after block r-1)")
+    table.add_column("model")
+    for r in range(width):
+        table.add_column(str(r), justify="right")
+    for name, row in acc.items():
+        table.add_row(name, *[f"{100 * a:.0f}" for a in row], *[""] * (width - len(row)))
+    return table
+
+
 def main() -> None:
     """Console-script entry point: KlasError -> one line on stderr, exit 2."""
     try:
