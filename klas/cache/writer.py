@@ -1,10 +1,12 @@
 """``klas cache``: run k models once over the calibration splits and store what every block sees.
 
 Storage: one ``(N, F)`` float16 ``.npy`` per split and model, opened with ``np.lib.format.open_memmap``.
-We measured Arrow IPC against .npy memmaps (benchmarks/bench_storage.py): both read zero-copy at
-page-cache speed, but an IPC file is written front to back, while a preallocated .npy can be written
-at any row. That is what makes the cache resumable (finished batches are simply skipped) and lets
-torchrun ranks write disjoint batches of the same file with no merge step, so .npy it is.
+We measured Arrow IPC against .npy memmaps (``python benchmarks/bench_storage.py``, 20k x 1536
+float16): both open zero-copy; a full read took 0.09 s (npy) vs 0.10 s (Arrow), one
+representation's columns 0.011 s vs 0.026 s, writing in row batches 0.095 s vs 0.074 s, all small
+next to the forward passes. The deciding difference: an IPC file is written front to back, while a
+preallocated .npy can be written at any row. That makes the cache resumable (finished batches are
+simply skipped) and lets torchrun ranks write disjoint batches of one file with no merge step.
 
 Atomicity: ``manifest.json`` is written last, with ``os.replace``; until then a state file marks the
 directory as partial and per-rank progress files list the finished batches. A batch's rows are
