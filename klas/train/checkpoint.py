@@ -1,0 +1,77 @@
+"""``checkpoints/last.pt``: everything needed to continue a training run exactly.
+
+The file is only ever replaced atomically (written to a temporary name in the same directory, synced,
+then ``os.replace``d), so an interrupted run (Ctrl-C, a crash, a killed job) leaves the previous
+checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from klas.errors import KlasError
+
+FORMAT = "klas.checkpoint/1"
+LAST = "last.pt"
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / LAST
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` (plus the format tag) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, **data}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise KlasError(f"no checkpoint at {path}; train without --resume first")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise KlasError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}); delete it and train again") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise KlasError(f"{path} is not a klas training checkpoint ({FORMAT}); delete it and train again")
+    return data
