@@ -1,0 +1,20 @@
+"""Per-block linear probes (block feature -> class logits), all trained in one batched computation."""
+from klas.probes.bank import ProbeBank
+from klas.probes.train import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_MIN_STEPS,
+    DEFAULT_WEIGHT_DECAY,
+    train_probes,
+)
+
+__all__ = [
+    "ProbeBank",
+    "train_probes",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_LR",
+    "DEFAULT_MIN_STEPS",
+    "DEFAULT_WEIGHT_DECAY",
+]

@@ -1,0 +1,212 @@
+"""Train all P linear probes at once: one baddbmm per step over a (P, B, Dmax) padded batch.
+
+Recipe (defaults of :func:`train_probes`, chosen on synthetic Gaussian-class data to converge in
+a few epochs, see tests/test_probes.py and the search docs):
+
+* features standardised per probe and column with mean/std fitted on the training features
+  (float64 two-pass), so one learning rate suits every block of every model;
+* weights and biases start at exactly 0: the problem is convex, and zero init makes each probe's
+  trajectory independent of the others, so batching cannot change the result;
+* AdamW (betas 0.9/0.999), lr 3e-3, weight decay 1e-4 on weights only (not biases), 5% linear
+  warm-up then cosine decay to 0, batch 256, 10 epochs but at least 300 optimizer steps (a
+  small calibration set, e.g. 1,500 images, would otherwise stop after ~60 steps, before the
+  probes' confidence -- which the KL criterion compares -- has converged; Adam moves each weight
+  by at most ~lr per step); one seeded permutation per epoch, shared by all probes;
+* loss = sum over probes of each probe's mean cross-entropy, so each probe's gradient is exactly
+  what it would get trained alone (AdamW is element-wise, so its update is too).
+
+Padded weight rows see exactly-zero inputs, hence exactly-zero gradients and updates; they are
+also re-masked after every step so they are 0 by construction, not only by arithmetic.
+
+Memory on the training device: the padded features P*N*Dmax*itemsize (float16 when the inputs
+are float16, as in the cache; float32 otherwise), plus soft targets G*N*C*4 bytes in "model"
+mode, plus weights and AdamW state 3*P*Dmax*C*4, plus one step's activations ~P*B*(Dmax+3C)*4.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from klas.errors import KlasError
+from klas.probes._features import FeatureArray, check_features, feature_mask, moments, stack_padded, storage_dtype
+from klas.probes.bank import ProbeBank
+from klas.utils import resolve_device
+
+DEFAULT_EPOCHS = 10
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_LR = 3e-3
+DEFAULT_WEIGHT_DECAY = 1e-4
+DEFAULT_MIN_STEPS = 300
+WARMUP_FRACTION = 0.05
+
+
+def train_probes(
+    feats: Sequence[FeatureArray],
+    targets: np.ndarray | Tensor,
+    num_classes: int,
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    target_index: Sequence[int] | Tensor | None = None,
+    min_steps: int = DEFAULT_MIN_STEPS,
+) -> ProbeBank:
+    """Train P linear probes (feature -> class logits) together and return them as a :class:`ProbeBank`.
+
+    ``targets`` picks the mode: (N,) int labels -> cross-entropy ("labels" mode); (N, C)
+    probabilities -> soft cross-entropy shared by all probes; (G, N, C) probabilities with
+    ``target_index`` (P,) naming each probe's row in G -> soft cross-entropy per group ("model"
+    mode, each model's probes fitting that model's own softmax; G == P needs no index).
+    Runs ``max(epochs, ceil(min_steps / steps_per_epoch))`` epochs (``min_steps=0``: exactly
+    ``epochs``). Deterministic given ``seed`` on one device.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    n, dims = check_features(feats, "probe features")
+    _check_hparams(epochs, batch_size, lr, weight_decay, num_classes)
+    tgt, groups = _prepare_targets(targets, n, num_classes, len(dims), target_index, dev)
+
+    x = stack_padded(feats, dev, storage_dtype(feats))  # (P, N, Dmax)
+    mean, std = moments(x, dims)  # (P, Dmax) each
+    mask = feature_mask(dims, x.shape[2], dev).unsqueeze(-1).float()  # (P, Dmax, 1)
+
+    weight = torch.zeros(len(dims), x.shape[2], num_classes, device=dev, requires_grad=True)  # (P, Dmax, C)
+    bias = torch.zeros(len(dims), num_classes, device=dev, requires_grad=True)  # (P, C)
+    opt = torch.optim.AdamW(
+        [{"params": [weight], "weight_decay": weight_decay}, {"params": [bias], "weight_decay": 0.0}], lr=lr
+    )
+    steps_per_epoch = math.ceil(n / batch_size)
+    epochs = max(epochs, math.ceil(max(0, min_steps) / steps_per_epoch))
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total))
+
+    gen = torch.Generator().manual_seed(seed)
+    inv_std = std.reciprocal()
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen).to(dev)  # (N,) shared by all probes
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]  # (B,)
+            xb = (x.index_select(1, idx).float() - mean[:, None]) * inv_std[:, None]  # (P, B, Dmax)
+            logits = torch.baddbmm(bias[:, None], xb, weight)  # (P, B, C)
+            loss = _loss(logits, tgt, groups, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                weight.mul_(mask)
+            step += 1
+            if progress is not None:
+                progress(step, total)
+
+    return ProbeBank(
+        weight=weight.detach(),
+        bias=bias.detach(),
+        mean=mean,
+        std=std,
+        dims=torch.tensor(dims, dtype=torch.int64, device=dev),
+    )
+
+
+def _loss(logits: Tensor, tgt: Tensor, groups: Tensor | None, idx: Tensor) -> Tensor:
+    """Sum over probes of each probe's batch-mean (soft) cross-entropy; logits (P, B, C)."""
+    p, b, c = logits.shape
+    if tgt.dtype == torch.int64:  # hard labels (N,)
+        y = tgt.index_select(0, idx).repeat(p)  # (P*B,) probe-major, matching logits.reshape
+        return F.cross_entropy(logits.reshape(p * b, c), y, reduction="sum") / b
+    q = tgt.index_select(1, idx).float()  # (G, B, C)
+    if groups is not None:
+        q = q.index_select(0, groups)  # (P, B, C)
+    return -(q * F.log_softmax(logits, dim=-1)).sum() / b
+
+
+def _warmup_cosine(total: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over the first 5% of steps, then cosine decay to 0."""
+    warm = max(1, int(round(WARMUP_FRACTION * total)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def _check_hparams(epochs: int, batch_size: int, lr: float, weight_decay: float, num_classes: int) -> None:
+    if epochs < 1 or batch_size < 1:
+        raise KlasError(f"probe training needs epochs >= 1 and batch size >= 1 (got {epochs}, {batch_size})")
+    if not (lr > 0 and weight_decay >= 0):
+        raise KlasError(f"probe learning rate must be > 0 and weight decay >= 0 (got {lr}, {weight_decay})")
+    if num_classes < 2:
+        raise KlasError(f"probes need at least 2 classes (got {num_classes})")
+
+
+def _prepare_targets(
+    targets: np.ndarray | Tensor,
+    n: int,
+    num_classes: int,
+    num_probes: int,
+    target_index: Sequence[int] | Tensor | None,
+    dev: torch.device,
+) -> tuple[Tensor, Tensor | None]:
+    """Validate targets; return (labels (N,) int64 | probabilities (G, N, C), group index (P,) or None)."""
+    t = targets if isinstance(targets, Tensor) else torch.from_numpy(np.asarray(targets))
+    if t.ndim == 1:
+        return _prepare_labels(t, n, num_classes, dev), None
+    if t.ndim == 2:
+        t = t.unsqueeze(0)  # (1, N, C): one target distribution for every probe
+        if target_index is not None:
+            raise KlasError("target_index only applies to per-group (G, N, C) soft targets")
+        target_index = [0] * num_probes
+    if t.ndim != 3 or t.shape[1] != n or t.shape[2] != num_classes:
+        raise KlasError(
+            f"targets have shape {tuple(t.shape)}; expected ({n},) labels, ({n}, {num_classes}) "
+            f"or (groups, {n}, {num_classes}) probabilities"
+        )
+    groups = _prepare_groups(target_index, t.shape[0], num_probes, dev)
+    probs = _prepare_probs(t, dev)
+    return probs, groups
+
+
+def _prepare_labels(t: Tensor, n: int, num_classes: int, dev: torch.device) -> Tensor:
+    if t.numel() != n:
+        raise KlasError(f"got {t.numel()} labels for {n} feature rows")
+    if t.is_floating_point():
+        raise KlasError("1-D targets must be integer class labels")
+    t = t.long()
+    if n and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise KlasError(f"labels must lie in [0, {num_classes}); got range [{int(t.min())}, {int(t.max())}]")
+    return t.to(dev)
+
+
+def _prepare_groups(index: Sequence[int] | Tensor | None, g: int, num_probes: int, dev: torch.device) -> Tensor | None:
+    if index is None:
+        if g != num_probes:
+            raise KlasError(f"{g} target groups for {num_probes} probes: pass target_index (probe -> group)")
+        return None
+    idx = torch.as_tensor(index, dtype=torch.int64).view(-1)
+    if idx.numel() != num_probes or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= g)):
+        raise KlasError(f"target_index must give one group in [0, {g}) for each of the {num_probes} probes")
+    return idx.to(dev)
+
+
+def _prepare_probs(t: Tensor, dev: torch.device) -> Tensor:
+    """Soft targets (G, N, C) -> float32 (float16 kept as is) on ``dev``, checked to be distributions."""
+    if not t.is_floating_point():
+        raise KlasError("2-D/3-D targets must be probabilities (float)")
+    dtype = torch.float16 if t.dtype == torch.float16 else torch.float32
+    t = t.to(device=dev, dtype=dtype)
+    sums = t.float().sum(-1)
+    if not bool(torch.isfinite(sums).all()) or bool((t < 0).any()) or float((sums - 1).abs().max()) > 1e-2:
+        raise KlasError("soft targets must be probabilities (non-negative rows summing to 1), e.g. a softmax, not logits")
+    return t

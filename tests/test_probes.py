@@ -1,0 +1,158 @@
+"""Batched probe training: same maths as one probe at a time, converges, round-trips, fails clearly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from klas.errors import KlasError
+from klas.probes import ProbeBank, train_probes
+
+
+def _gaussian_classes(n: int, c: int, dims: list[int], snr: float, seed: int = 0):
+    """P feature arrays (n, D_p) whose classes have separated means, with offsets/scales to standardise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    feats = []
+    for d in dims:
+        mu = rng.normal(size=(c, d)) * snr
+        x = mu[y] + rng.normal(size=(n, d))
+        feats.append((x * rng.uniform(0.5, 4.0, d) + rng.normal(size=d) * 3).astype(np.float32))
+    return feats, y
+
+
+def test_batched_equals_one_probe_at_a_time():
+    dims = [3, 11, 6, 8]
+    feats, y = _gaussian_classes(300, 5, dims, snr=0.7)
+    kw = dict(epochs=4, batch_size=64, lr=3e-3, weight_decay=1e-2, seed=3, device="cpu", min_steps=0)
+    bank = train_probes(feats, y, 5, **kw)
+    for p, d in enumerate(dims):
+        alone = train_probes([feats[p]], y, 5, **kw)
+        torch.testing.assert_close(bank.weight[p, :d], alone.weight[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bank.bias[p], alone.bias[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bank.mean[p, :d], alone.mean[0])
+        torch.testing.assert_close(bank.std[p, :d], alone.std[0])
+        assert torch.all(bank.weight[p, d:] == 0), "padded weight rows must stay exactly 0"
+        assert torch.all(bank.mean[p, d:] == 0) and torch.all(bank.std[p, d:] == 1)
+    assert bank.dims.tolist() == dims and bank.dims.dtype == torch.int64
+
+
+def test_separable_data_reaches_full_accuracy():
+    feats, y = _gaussian_classes(2000, 10, [16, 48, 32], snr=3.0)
+    bank = train_probes(feats, y, 10, seed=0, device="cpu")
+    acc = bank.accuracy(feats, y)
+    assert acc.shape == (3,) and acc.dtype == np.float64
+    assert np.all(acc >= 0.995), acc
+
+
+def test_float16_memmap_column_slices(tmp_path):
+    """The cache hands over strided, read-only float16 memmap views; the trainer must take them as is."""
+    feats, y = _gaussian_classes(500, 4, [7, 9], snr=4.0, seed=1)
+    path = tmp_path / "feats.npy"
+    full = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(500, 16))
+    full[:, :7], full[:, 7:] = feats[0], feats[1]
+    full.flush()
+    mm = np.load(path, mmap_mode="r")
+    views = [mm[:, :7], mm[:, 7:]]
+    assert not views[1].flags["C_CONTIGUOUS"]
+    bank = train_probes(views, y, 4, epochs=5, device="cpu")
+    same = train_probes([np.ascontiguousarray(v) for v in views], y, 4, epochs=5, device="cpu")
+    torch.testing.assert_close(bank.weight, same.weight, rtol=0, atol=0)
+    assert np.all(bank.accuracy(views, y) > 0.95)
+
+
+def test_deterministic_given_seed():
+    feats, y = _gaussian_classes(200, 3, [5, 4], snr=0.5)
+    a = train_probes(feats, y, 3, epochs=2, seed=7, device="cpu")
+    b = train_probes(feats, y, 3, epochs=2, seed=7, device="cpu")
+    c = train_probes(feats, y, 3, epochs=2, seed=8, device="cpu")
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert not torch.equal(a.weight, c.weight)
+
+
+def test_one_hot_soft_targets_match_labels():
+    feats, y = _gaussian_classes(256, 4, [6, 3], snr=0.8)
+    onehot = np.eye(4, dtype=np.float32)[y]
+    kw = dict(epochs=3, batch_size=50, seed=1, device="cpu")
+    hard = train_probes(feats, y, 4, **kw)
+    soft = train_probes(feats, onehot, 4, **kw)
+    torch.testing.assert_close(hard.weight, soft.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hard.bias, soft.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_per_group_soft_targets_equal_separate_runs():
+    """'model' mode: each model's probes fit that model's own softmax, still in one batched run."""
+    feats, y = _gaussian_classes(300, 5, [4, 6, 5], snr=1.0)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 300, 5)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    kw = dict(epochs=3, batch_size=64, seed=2, device="cpu")
+    bank = train_probes(feats, probs.astype(np.float32), 5, target_index=[0, 1, 1], **kw)
+    for p, g in enumerate([0, 1, 1]):
+        alone = train_probes([feats[p]], probs[g].astype(np.float32), 5, **kw)
+        torch.testing.assert_close(bank.weight[p, : feats[p].shape[1]], alone.weight[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_mode_learns_the_teacher():
+    feats, _ = _gaussian_classes(1500, 6, [24], snr=0.0, seed=4)
+    w = np.random.default_rng(5).normal(size=(24, 6))
+    mu, sd = feats[0].mean(0), feats[0].std(0)
+    z = 3 * ((feats[0] - mu) / sd) @ w / np.sqrt(24)
+    probs = (np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    bank = train_probes(feats, probs.astype(np.float32), 6, epochs=100, lr=1e-2, device="cpu")
+    assert bank.accuracy(feats, probs.argmax(1))[0] > 0.97
+    z = bank.logits(feats)[0]
+    kl = (torch.as_tensor(probs) * (torch.log(torch.as_tensor(probs)) - torch.log_softmax(z.double(), -1))).sum(-1)
+    assert float(kl.mean()) < 0.01  # matches the teacher's confidence, not only its argmax
+
+
+def test_progress_reports_every_step():
+    feats, y = _gaussian_classes(130, 3, [4], snr=1.0)
+    calls = []
+    def record(step: int, total: int) -> None:
+        calls.append((step, total))
+
+    train_probes(feats, y, 3, epochs=3, batch_size=50, min_steps=0, progress=record, device="cpu")
+    assert calls == [(s, 9) for s in range(1, 10)]  # ceil(130 / 50) = 3 steps per epoch
+    calls.clear()
+    train_probes(feats, y, 3, epochs=3, batch_size=50, min_steps=10, progress=record, device="cpu")
+    assert calls[-1] == (12, 12)  # raised to 4 epochs to reach at least 10 steps
+
+
+def test_logits_accuracy_and_save_load(tmp_path):
+    feats, y = _gaussian_classes(300, 4, [5, 9], snr=1.5)
+    bank = train_probes(feats, y, 4, epochs=3, device="cpu")
+    z = bank.logits(feats)
+    assert z.shape == (2, 300, 4) and z.dtype == torch.float32
+    x0 = (torch.as_tensor(feats[0]) - bank.mean[0, :5]) / bank.std[0, :5]
+    torch.testing.assert_close(z[0], x0 @ bank.weight[0, :5] + bank.bias[0], rtol=1e-5, atol=1e-5)
+    chunks = torch.cat(list(bank.iter_logits(feats, batch_size=37)), dim=1)
+    torch.testing.assert_close(chunks, z)
+    full = (z.argmax(-1) == torch.as_tensor(y)).double().mean(1).numpy()
+    np.testing.assert_allclose(bank.accuracy(feats, y, batch_size=41), full)
+
+    bank.save(tmp_path / "probes.safetensors")
+    back = ProbeBank.load(tmp_path / "probes.safetensors", device="cpu")
+    for k in ("weight", "bias", "mean", "std", "dims"):
+        assert torch.equal(getattr(back, k), getattr(bank, k))
+    torch.testing.assert_close(back.logits(feats), z)
+
+
+def test_clear_errors(tmp_path):
+    feats, y = _gaussian_classes(50, 3, [4, 5], snr=1.0)
+    with pytest.raises(KlasError, match="number of samples"):
+        train_probes([feats[0], feats[1][:40]], y, 3)
+    with pytest.raises(KlasError, match=r"labels must lie in \[0, 3\)"):
+        train_probes(feats, y + 1, 3)
+    with pytest.raises(KlasError, match="probabilities"):
+        train_probes(feats, np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32), 3)
+    with pytest.raises(KlasError, match="target_index"):
+        train_probes(feats, np.full((3, 50, 3), 1 / 3, dtype=np.float32), 3)
+    with pytest.raises(KlasError, match="not found"):
+        ProbeBank.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(KlasError, match="unreadable"):
+        ProbeBank.load(tmp_path / "junk.safetensors")
+    bank = train_probes(feats, y, 3, epochs=1, device="cpu")
+    with pytest.raises(KlasError, match="expects width 5"):
+        bank.logits([feats[0], feats[0]])
