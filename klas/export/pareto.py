@@ -1,0 +1,286 @@
+"""Stage 4, ``klas export pareto``: the accuracy/cost Pareto front of a trained run.
+
+Writes ``RUN/export/``: ``front.csv``, ``front.json``, ``front.png``, ``front.svg`` and, with
+``models=True``, one standalone artifact per front model under ``models/`` (see
+:mod:`klas.export.artifact`). The directory is built under a temporary name and moved into place,
+so an interrupted export leaves the previous one intact.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from rich.console import Console
+from rich.table import Table
+
+from klas.errors import KlasError
+from klas.utils import FLOPS_CONVENTION, atomic_dir, read_json, sha256_json, write_json_atomic
+
+EXPORT = "export"
+FRONT_FORMAT = "klas.front/1"
+X_LABEL = "GFLOPs (fvcore: 1 multiply-add = 1 FLOP)"
+Y_LABEL = "top-1 accuracy on eval split (%)"
+CSV_COLUMNS = ("id", "kind", "route", "src", "src_cut", "dst", "dst_cut", "gflops", "macs", "params",
+               "acc_after", "acc_before", "latency_ms", "latency_batch", "latency_device", "artifact", "onnx")
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def pareto_front(points: Iterable[Mapping[str, Any]], cost: str = "gflops", acc: str = "acc_after",
+                 key: str = "id") -> list[dict]:
+    """The points no other point dominates, cheapest first.
+
+    ``q`` dominates ``p`` when ``q[cost] <= p[cost]`` and ``q[acc] >= p[acc]`` with at least one strict.
+    Ties: points with exactly the same cost and accuracy do not dominate each other, so all of them
+    are kept; the result is ordered by (cost, -accuracy, ``key``), independent of the input order.
+    Points whose cost or accuracy is missing or not finite are ignored.
+    """
+    pts = [dict(p) for p in points if _finite(p.get(cost)) and _finite(p.get(acc))]
+    pts.sort(key=lambda p: (p[cost], -p[acc], str(p.get(key))))
+    front: list[dict] = []
+    best = -math.inf  # best accuracy among strictly cheaper points
+    i = 0
+    while i < len(pts):
+        j = i
+        while j < len(pts) and pts[j][cost] == pts[i][cost]:
+            j += 1
+        top = pts[i][acc]  # the group's best (sorted by -acc within a cost)
+        if top > best:
+            front.extend(p for p in pts[i:j] if p[acc] == top)
+            best = top
+        i = j
+    return front
+
+
+def safe_name(identifier: str) -> str:
+    """A directory name for a stitch id / anchor name: ``a:3->b:4`` -> ``a_3--b_4``."""
+    name = identifier.replace("->", "--").replace(":", "_")
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_pareto`` wrote; ``front`` are the front rows (cheapest first)."""
+
+    run_dir: Path
+    out_dir: Path
+    front: list[dict]
+    points: int
+    files: list[Path] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)  # id -> artifact dir (relative to out_dir)
+    onnx: dict[str, str] = field(default_factory=dict)  # id -> "ok" or the error
+    seconds: float = 0.0
+
+    def table(self) -> Table:
+        t = Table(title=f"{self.run_dir.name}: Pareto front ({len(self.front)} of {self.points}), {FLOPS_CONVENTION}")
+        for col, just in (("id", "left"), ("kind", "left"), ("GFLOPs", "right"), ("top-1 %", "right"),
+                          ("latency ms", "right"), ("artifact", "left")):
+            t.add_column(col, justify=just)
+        for r in self.front:
+            lat = f"{r['latency_ms']:.2f}" if _finite(r.get("latency_ms")) else ""
+            art = self.models.get(r["id"], "")
+            if r["id"] in self.onnx:
+                art += " (+onnx)" if self.onnx[r["id"]] == "ok" else " (onnx failed)"
+            t.add_row(r["id"], r["kind"], f"{r['gflops']:.4f}", f"{r['acc_after']:.2f}", lat, art)
+        return t
+
+
+def plot_front(rows: list[dict], front: list[dict], out_base: Path, *, title: str,
+               budget_gflops: float | None = None) -> list[Path]:
+    """``out_base``.png and .svg: every point, the front as a step line, anchors labelled, the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    stitches = [r for r in rows if r["kind"] == "stitch" and _finite(r.get("acc_after"))]
+    anchors = [r for r in rows if r["kind"] == "anchor" and _finite(r.get("acc_after"))]
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=150)
+    if any(_finite(r.get("acc_before")) for r in stitches):
+        ax.scatter([r["gflops"] for r in stitches], [r["acc_before"] for r in stitches], s=14, marker="o",
+                   facecolors="none", edgecolors="#b0b0b0", linewidths=0.8, zorder=1,
+                   label="stitch before fine-tuning (LS init)")
+    ax.scatter([r["gflops"] for r in stitches], [r["acc_after"] for r in stitches], s=22, color="#4c72b0",
+               alpha=0.85, zorder=3, label=f"stitch after fine-tuning ({len(stitches)})")
+    ax.scatter([r["gflops"] for r in anchors], [r["acc_after"] for r in anchors], s=90, marker="*",
+               color="#dd8452", edgecolors="black", linewidths=0.6, zorder=5, label="anchor (single model)")
+    for r in anchors:
+        ax.annotate(r["id"], (r["gflops"], r["acc_after"]), xytext=(6, -12), textcoords="offset points",
+                    fontsize=9, fontweight="bold", zorder=6)
+    if front:
+        xs = [r["gflops"] for r in front]
+        ys = [r["acc_after"] for r in front]
+        ax.step(xs, ys, where="post", color="#c44e52", linewidth=1.8, zorder=4, label=f"Pareto front ({len(front)})")
+        ax.scatter(xs, ys, s=36, facecolors="none", edgecolors="#c44e52", linewidths=1.4, zorder=4)
+    if budget_gflops is not None:
+        ax.axvline(budget_gflops, color="0.3", linestyle="--", linewidth=1.2, zorder=2,
+                   label=f"budget {budget_gflops:g} GFLOPs")
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(Y_LABEL)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "svg"):
+        p = out_base.with_suffix(f".{ext}")
+        fig.savefig(p)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k])) else r[k])
+                        for k in CSV_COLUMNS})
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def export_pareto(
+    run_dir: Path | str,
+    *,
+    models: bool = False,
+    onnx: bool = False,
+    device: str | None = "cpu",
+    root: Path | None = None,
+    console: Console | None = None,
+) -> ExportResult:
+    """Compute and write the Pareto front of a trained run (accuracy after fine-tuning vs GFLOPs).
+
+    * ``models`` (False): also write every front model as a standalone artifact (``models/<id>/``:
+      ``model.safetensors`` + ``config.json``; load with :func:`klas.export.load_stitched`).
+    * ``onnx`` (False): with ``models``, also ``model.onnx`` per model where torch's exporter manages
+      (a failure is reported per model, it does not fail the export).
+    * ``device`` ("cpu"): where models are rebuilt for export; ``root``: the klas cache root (demo
+      weights); ``console``: where messages go.
+
+    Returns an :class:`ExportResult` (``.table()`` renders the front).
+    """
+    from klas.train.loop import MANIFEST, read_selection, stitch_specs
+    from klas.train.results import read_results
+    from klas.utils import DEFAULT_ROOT
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    console = console or Console(stderr=True)
+    selection = read_selection(run_dir)
+    if onnx and not models:
+        raise KlasError("--onnx exports the front's models; pass --models too")
+    try:
+        rows = read_results(run_dir)
+    except KlasError:
+        what = "export models from" if models else "export a front of"
+        raise KlasError(f"cannot {what} run {run_dir}: it is not trained yet (no results.parquet); run: klas train {run_dir}") from None
+    if not rows:
+        raise KlasError(f"{run_dir / 'results.parquet'} is empty; rerun klas train {run_dir} --overwrite")
+    train_info = read_json(run_dir / MANIFEST, "training manifest") if (run_dir / MANIFEST).is_file() else {}
+    front = pareto_front(rows)
+    budget = selection.get("budget_gflops")
+    result = ExportResult(run_dir, run_dir / EXPORT, front, len(rows))
+
+    with atomic_dir(run_dir / EXPORT, overwrite=True) as tmp:
+        if models:
+            result.models, result.onnx = _export_models(run_dir, selection, train_info, front, tmp, onnx, device,
+                                                        root or DEFAULT_ROOT, console, stitch_specs)
+        for r in front:
+            r["artifact"] = result.models.get(r["id"])
+            r["onnx"] = result.onnx.get(r["id"])
+        _write_csv(tmp / "front.csv", front)
+        write_json_atomic(tmp / "front.json", {
+            "format": FRONT_FORMAT,
+            "run": run_dir.name,
+            "selection_sha256": sha256_json(selection),
+            "budget_gflops": budget,
+            "cost": "gflops", "flops": FLOPS_CONVENTION,
+            "accuracy": "top-1 % on the eval split after fine-tuning (acc_after)",
+            "points": len(rows),
+            "front": [{k: _json_safe(r.get(k)) for k in CSV_COLUMNS} for r in front],
+            "train": {k: train_info.get(k) for k in ("config", "epochs_done")} if train_info else None,
+        })
+        title = f"{run_dir.name}: {len(front)} of {len(rows)} networks on the Pareto front"
+        plot_front(rows, front, tmp / "front", title=title, budget_gflops=budget)
+    result.files = [result.out_dir / n for n in ("front.csv", "front.json", "front.png", "front.svg")]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device, root, console, stitch_specs):
+    """Rebuild the front's networks from the cache + final checkpoint and save each one."""
+    import torch
+
+    from klas.export.artifact import export_onnx, save_stitched
+    from klas.stitch.network import StitchNet
+    from klas.train.checkpoint import checkpoint_path, load_checkpoint
+    from klas.train.loop import open_run_cache
+
+    ckpt_path = checkpoint_path(run_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("selection_sha256") != sha256_json(selection):
+        raise KlasError(f"checkpoint {ckpt_path} belongs to another selection than {run_dir}; rerun klas train {run_dir} --overwrite")
+    done = train_info.get("epochs_done")
+    if done is not None and int(ckpt["epoch"]) != int(done):
+        raise KlasError(f"checkpoint {ckpt_path} is at epoch {ckpt['epoch']} but results.parquet is from epoch {done}; "
+                        f"rerun klas train {run_dir} --resume")
+    cache = open_run_cache(selection, run_dir)
+    layer = ckpt.get("layer") or ckpt["config"]["layer"]
+    wanted = {r["id"] for r in front}
+    specs = [s for s in stitch_specs(selection) if s.id in wanted]
+    names = {r["id"] for r in front if r["kind"] == "anchor"} | {n for s in specs for n in (s.src, s.dst)}
+    dev = torch.device(device or "cpu")
+    loaded = [m for m in cache.load_models(device=dev, root=root) if m.name in names]
+    arch = {m.name: m.spec.arch for m in loaded}
+    net = StitchNet.from_loaded(loaded, specs, kind=layer)
+    for s in specs:
+        net.stitch_layer(s.id).load_state_dict(ckpt["stitch_states"][s.id])
+    for name, state in (ckpt.get("anchor_states") or {}).items():  # full_tune: the fine-tuned anchors
+        if name in names:
+            net.adapter(name).load_state_dict(state)
+    net.eval()
+    data_config = cache.manifest["data"]["preprocess"]
+    size = tuple(data_config["input_size"])
+    models_dir = out_dir / "models"
+    artifacts, onnx_status = {}, {}
+    for r in front:
+        rid = r["id"]
+        rel = f"models/{safe_name(rid)}"
+        info = {
+            "id": rid, "route": r["route"], "data_config": data_config,
+            "accuracy": {"top1": r["acc_after"], "top1_before_finetune": r.get("acc_before"), "split": "eval", "unit": "percent"},
+            "macs": r["macs"], "gflops": r["gflops"], "params_run": r["params"], "flops": FLOPS_CONVENTION,
+            "run": run_dir.name, "cache_fingerprint": cache.fingerprint, "full_tune": bool(ckpt["config"].get("full_tune")),
+        }
+        model = net.model(rid)
+        if r["kind"] == "stitch":
+            s = net.specs[rid]
+            save_stitched(model, models_dir / safe_name(rid), src_arch=arch[s.src], dst_arch=arch[s.dst], info=info)
+        else:
+            save_stitched(model, models_dir / safe_name(rid), src_arch=arch[rid], info=info)
+        artifacts[rid] = rel
+        if onnx:
+            try:
+                export_onnx(model.cpu(), torch.zeros(1, *size), models_dir / safe_name(rid) / "model.onnx")
+                onnx_status[rid] = "ok"
+            except Exception as exc:
+                onnx_status[rid] = f"failed: {exc}"
+                console.print(f"[yellow]onnx export of {rid} failed[/]: {exc}")
+    (models_dir / "index.json").write_text(json.dumps(
+        {"format": "klas.models/1", "models": [{"id": k, "dir": v, "onnx": onnx_status.get(k)} for k, v in artifacts.items()]},
+        indent=2) + "\n")
+    return artifacts, onnx_status
