@@ -1,0 +1,206 @@
+"""klas export pareto: the front, its files and plot, standalone model artifacts and their round trip."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import FAST, MODELS, PAIRS, FakeCache, fake, one_thread, quiet, tiny_vit, write_selection  # noqa: E402,F401
+
+from klas.errors import KlasError  # noqa: E402
+from klas.export import export_pareto, load_stitched, pareto_front  # noqa: E402
+from klas.stitch.network import StitchNet, StitchSpec, stitch_id, stitch_params  # noqa: E402
+from klas.train import read_results, train_run  # noqa: E402
+from klas.train.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
+
+
+def P(i, c, a):
+    return {"id": i, "gflops": c, "acc_after": a}
+
+
+def ids(front):
+    return [p["id"] for p in front]
+
+
+def test_pareto_front_hand_made_cases():
+    # a dominated point (b: costs more than a and is less accurate) goes; the rest form a staircase
+    pts = [P("a", 1.0, 70), P("b", 2.0, 65), P("c", 2.0, 75), P("d", 3.0, 80), P("e", 0.5, 60)]
+    assert ids(pareto_front(pts)) == ["e", "a", "c", "d"]
+    # same accuracy at a higher cost is dominated (cheaper with >=); same cost, lower accuracy too
+    assert ids(pareto_front([P("x", 1.0, 50), P("y", 2.0, 50), P("z", 1.0, 40)])) == ["x"]
+    # exact duplicates dominate neither: both kept, ordered by id whatever the input order
+    dup = [P("q", 1.0, 50), P("p", 1.0, 50), P("r", 2.0, 60)]
+    assert ids(pareto_front(dup)) == ["p", "q", "r"]
+    assert ids(pareto_front(dup[::-1])) == ["p", "q", "r"]
+    # a more accurate point that is cheaper removes everything after it that is not better
+    assert ids(pareto_front([P("big", 5.0, 60), P("small", 1.0, 90)])) == ["small"]
+    # missing / NaN accuracies are ignored; empty input gives an empty front
+    assert ids(pareto_front([P("n", 1.0, float("nan")), P("m", 2.0, 10), {"id": "o", "gflops": 0.1}])) == ["m"]
+    assert pareto_front([]) == []
+    # other column names
+    assert ids(pareto_front([{"id": 1, "macs": 3, "acc": 2}, {"id": 2, "macs": 3, "acc": 1}], cost="macs", acc="acc")) == [1]
+
+
+def test_pareto_front_matches_the_definition_on_random_points():
+    rng = random.Random(0)
+    for _ in range(200):
+        pts = [P(f"s{k}", rng.choice([0.5, 1.0, 1.5, 2.0, 3.0]), rng.choice([10, 20, 30, 40])) for k in range(rng.randint(1, 12))]
+        brute = [p for p in pts if not any(
+            q is not p and q["gflops"] <= p["gflops"] and q["acc_after"] >= p["acc_after"]
+            and (q["gflops"] < p["gflops"] or q["acc_after"] > p["acc_after"]) for q in pts)]
+        front = pareto_front(pts)
+        assert sorted(ids(front)) == sorted(ids(brute))
+        shuffled = pts[:]
+        rng.shuffle(shuffled)
+        assert ids(pareto_front(shuffled)) == ids(front)  # deterministic order
+        assert [p["gflops"] for p in front] == sorted(p["gflops"] for p in front)
+        assert all(a["acc_after"] <= b["acc_after"] for a, b in zip(front, front[1:]))
+
+
+@pytest.fixture
+def trained(fake, tmp_path):
+    run = tmp_path / "runs" / "demo"
+    write_selection(run, fake, budget=0.0015)
+    train_run(run, console=quiet(), **{**FAST, "latency": True, "latency_batch": 4, "latency_repeats": 1})
+    return run
+
+
+def test_export_front_files(trained):
+    res = export_pareto(trained, console=quiet())
+    out = trained / "export"
+    assert [p.name for p in res.files] == ["front.csv", "front.json", "front.png", "front.svg"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in res.files)
+    assert not (out / "models").exists()
+    rows = read_results(trained)
+    expected = pareto_front(rows)
+    assert ids(res.front) == ids(expected) and len(expected) >= 1
+    with open(out / "front.csv") as fh:
+        got = list(csv.DictReader(fh))
+    assert [r["id"] for r in got] == ids(expected)
+    assert [float(r["acc_after"]) for r in got] == [r["acc_after"] for r in expected]
+    data = json.loads((out / "front.json").read_text())
+    assert data["budget_gflops"] == 0.0015 and data["points"] == len(rows) == 6
+    assert [r["id"] for r in data["front"]] == ids(expected)
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (out / "front.svg").read_text()
+    assert "GFLOPs (fvcore: 1 multiply-add = 1 FLOP)" in svg or "GFLOPs" in svg
+    res.table()  # renders
+
+
+def _in_run_net(fake, run: Path) -> StitchNet:
+    """The trained StitchNet as train_run left it: cache models + the final checkpoint."""
+    sel = json.loads((run / "selection.json").read_text())
+    net = StitchNet.from_loaded(fake.load_models(), [StitchSpec.from_json(s) for s in sel["stitches"]])
+    ckpt = load_checkpoint(checkpoint_path(run))
+    for sid, state in ckpt["stitch_states"].items():
+        net.stitch_layer(sid).load_state_dict(state)
+    for name, state in ckpt["anchor_states"].items():
+        net.adapter(name).load_state_dict(state)
+    return net.eval()
+
+
+def _all_on_front(run: Path) -> None:
+    """Make every network a front member (distinct costs, accuracy rising with cost) to export them all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "results.parquet")
+    rows = table.to_pylist()
+    for rank, r in enumerate(sorted(rows, key=lambda r: r["macs"])):
+        r["acc_after"] = 10.0 + rank
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), run / "results.parquet")
+
+
+def test_export_models_round_trip(fake, trained):
+    _all_on_front(trained)
+    res = export_pareto(trained, models=True, console=quiet())
+    assert set(res.models) == {stitch_id(*p) for p in PAIRS} | set(MODELS)
+    net = _in_run_net(fake, trained)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 32, 32)
+    prof = {n: tiny_vit(n).profile for n in MODELS}
+    for rid, rel in res.models.items():
+        path = res.out_dir / rel
+        model = load_stitched(path)
+        assert not model.training
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), net(x, rid), rtol=0, atol=0)
+        cfg = json.loads((path / "config.json").read_text())
+        with safe_open(str(path / "model.safetensors"), "pt") as fh:
+            keys = list(fh.keys())
+            saved = sum(fh.get_tensor(k).numel() for k in keys)
+        if rid in MODELS:
+            assert cfg["kind"] == "anchor" and cfg["src"]["arch"] == rid
+            assert saved == prof[rid].params  # the whole model, nothing else
+            continue
+        s = net.specs[rid]
+        assert cfg["kind"] == "stitch" and (cfg["src"]["cut"], cfg["dst"]["cut"]) == (s.src_cut, s.dst_cut)
+        assert cfg["src"]["arch"] == s.src and cfg["dst"]["arch"] == s.dst and cfg["route"] == read_route(trained, rid)
+        assert cfg["data_config"]["input_size"] == [3, 32, 32] and cfg["num_classes"] == 10
+        # exactly the blocks it runs: a's stem + blocks 0..src_cut-1, the layer, b's blocks dst_cut.. + head
+        assert saved == stitch_params(prof[s.src], s.src_cut, prof[s.dst], s.dst_cut, "linear")
+        src_blocks = {int(k.split(".")[2]) for k in keys if k.startswith("src.blocks.")}
+        dst_blocks = {int(k.split(".")[2]) for k in keys if k.startswith("dst.blocks.")}
+        assert src_blocks == set(range(s.src_cut)) and dst_blocks == set(range(s.dst_cut, 4))
+        assert not any(k.startswith(("src.head", "src.norm.", "dst.patch_embed", "dst.cls_token", "dst.pos_embed")) for k in keys)
+    index = json.loads((res.out_dir / "models" / "index.json").read_text())
+    assert len(index["models"]) == len(res.models)
+
+
+def read_route(run: Path, rid: str) -> str:
+    return next(r["route"] for r in read_results(run) if r["id"] == rid)
+
+
+def test_export_full_tuned_run_uses_the_tuned_anchors(fake, tmp_path):
+    run = tmp_path / "ft"
+    write_selection(run, fake, pairs=PAIRS[:2])
+    train_run(run, console=quiet(), **{**FAST, "full_tune": True, "epochs": 1})
+    _all_on_front(run)
+    res = export_pareto(run, models=True, console=quiet())
+    net = _in_run_net(fake, run)
+    x = torch.randn(3, 3, 32, 32)
+    for rid, rel in res.models.items():
+        with torch.no_grad():
+            torch.testing.assert_close(load_stitched(res.out_dir / rel)(x), net(x, rid), rtol=0, atol=0)
+    # and the tuned anchors differ from the cached originals
+    original = {m.name: m.adapter for m in fake.load_models()}
+    with torch.no_grad():
+        assert not torch.equal(original[list(MODELS)[0]](x), net(x, list(MODELS)[0]))
+
+
+def test_export_onnx_never_fails_the_export(trained):
+    res = export_pareto(trained, models=True, onnx=True, console=quiet())
+    assert set(res.onnx) == set(res.models)
+    for rid, status in res.onnx.items():
+        onnx_file = res.out_dir / res.models[rid] / "model.onnx"
+        assert status == "ok" and onnx_file.is_file() or status.startswith("failed:")
+
+
+def test_export_refusals(fake, tmp_path, trained):
+    untrained = tmp_path / "untrained"
+    write_selection(untrained, fake)
+    with pytest.raises(KlasError, match="not trained yet"):
+        export_pareto(untrained, models=True, console=quiet())
+    with pytest.raises(KlasError, match="not trained yet"):
+        export_pareto(untrained, console=quiet())
+    assert not (untrained / "export").exists()
+    with pytest.raises(KlasError, match="has no selection.json"):
+        export_pareto(tmp_path / "missing", console=quiet())
+    with pytest.raises(KlasError, match="pass --models too"):
+        export_pareto(trained, onnx=True, console=quiet())
+    with pytest.raises(KlasError, match="not an exported klas model"):
+        load_stitched(tmp_path)
+    # the cache changed after training: models cannot be rebuilt from it, the front still can
+    fake.registry[str(fake.path)] = FakeCache(fake.path, fingerprint="fp-2")
+    with pytest.raises(KlasError, match="changed since the search"):
+        export_pareto(trained, models=True, console=quiet())
+    assert export_pareto(trained, console=quiet()).front
