@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,44 @@ def test_train_on_a_real_cache(tmp_path, monkeypatch):
     shutil.rmtree("cache/c")
     with pytest.raises(KlasError, match="gone"):
         train_run(run, epochs=1, resume=True, root=Path("cache"), console=quiet(), progress=False)
+
+
+DDP_SCRIPT = r'''
+import io, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import klas.cache
+from test_train import FakeCache, quiet
+cache = FakeCache(Path({cache!r}))
+klas.cache.open_cache = lambda p: cache
+from klas.train import train_run
+train_run(Path({run!r}), epochs=1, batch_size=16, latency=False, progress=False, console=quiet(),
+          loss="ce=1,ffm=0.5", full_tune=True)
+'''
+
+
+def test_torchrun_two_processes_match_one_process_with_the_global_batch(fake, tmp_path):
+    """Under torchrun (gloo, 2 ranks x 16 images) training equals one process with batch 32, up to float rounding."""
+    import os
+    import subprocess
+
+    for run in ("one", "two"):
+        write_selection(tmp_path / run, fake)
+    train_run(tmp_path / "one", epochs=1, batch_size=32, latency=False, progress=False, console=quiet(),
+              loss="ce=1,ffm=0.5", full_tune=True)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), cache=str(fake.path), run=str(tmp_path / "two")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_checkpoint(checkpoint_path(tmp_path / "one"))
+    b = load_checkpoint(checkpoint_path(tmp_path / "two"))
+    assert b["config"]["world_size"] == 2 and b["config"]["batch_size"] == 16
+    for group in ("stitch_states", "anchor_states"):
+        for name, state in a[group].items():
+            for k, v in state.items():
+                torch.testing.assert_close(b[group][name][k], v, rtol=1e-4, atol=1e-5)
+    assert [r["acc_after"] for r in read_results(tmp_path / "one")] == [r["acc_after"] for r in read_results(tmp_path / "two")]
