@@ -81,15 +81,20 @@ class ExportResult:
 
     def table(self) -> Table:
         t = Table(title=f"{self.run_dir.name}: Pareto front ({len(self.front)} of {self.points}), {FLOPS_CONVENTION}")
-        for col, just in (("id", "left"), ("kind", "left"), ("GFLOPs", "right"), ("top-1 %", "right"),
-                          ("latency ms", "right"), ("artifact", "left")):
-            t.add_column(col, justify=just)
+        cols = [("id", "left"), ("kind", "left"), ("GFLOPs", "right"), ("top-1 %", "right"), ("latency ms", "right")]
+        if self.models:
+            cols.append(("artifact", "left"))
+        for col, just in cols:
+            t.add_column(col, justify=just, overflow="fold")
         for r in self.front:
             lat = f"{r['latency_ms']:.2f}" if _finite(r.get("latency_ms")) else ""
-            art = self.models.get(r["id"], "")
-            if r["id"] in self.onnx:
-                art += " (+onnx)" if self.onnx[r["id"]] == "ok" else " (onnx failed)"
-            t.add_row(r["id"], r["kind"], f"{r['gflops']:.4f}", f"{r['acc_after']:.2f}", lat, art)
+            cells = [r["id"], r["kind"], f"{r['gflops']:.4f}", f"{r['acc_after']:.2f}", lat]
+            if self.models:
+                art = self.models.get(r["id"], "")
+                if r["id"] in self.onnx:
+                    art += " (+onnx)" if self.onnx[r["id"]] == "ok" else " (onnx failed)"
+                cells.append(art)
+            t.add_row(*cells)
         return t
 
 

@@ -526,6 +526,8 @@ def train_run(
     after = _evaluate(net, eval_data, eval_ids, eval_batch_size, dev, amp_dtype, rank, world, console, progress,
                       "evaluating (after)")
     lat: dict[str, float] = {}
+    lat_batch = min(latency_batch, eval_data.n) if latency else None
+    lat_device = str(dev) if latency else None
     if latency and rank == 0:
         x = eval_data.first(latency_batch)
         with Progress(*columns[:3], console=console, disable=not progress, transient=True) as bar:
@@ -541,8 +543,7 @@ def train_run(
             "src": s.src, "src_cut": s.src_cut, "dst": s.dst, "dst_cut": s.dst_cut, "layer": layer,
             "macs": net.macs(s.id), "gflops": net.macs(s.id) / 1e9, "params": net.params(s.id),
             "acc_before": before[s.id], "acc_after": after[s.id], "init_r2": fit_r2.get(s.id, float("nan")),
-            "latency_ms": lat.get(s.id, float("nan")), "latency_batch": len(eval_data.first(latency_batch)) if latency else None,
-            "latency_device": str(dev) if latency else None,
+            "latency_ms": lat.get(s.id, float("nan")), "latency_batch": lat_batch, "latency_device": lat_device,
             "bucket": s.bucket, "theta": s.theta, "gamma": s.gamma,
         })
     for name in anchor_ids:
@@ -551,8 +552,7 @@ def train_run(
             "id": name, "kind": "anchor", "route": route_string(name, n, None, None, None), "src": name, "src_cut": n,
             "dst": None, "dst_cut": None, "layer": None, "macs": net.macs(name), "gflops": net.macs(name) / 1e9,
             "params": net.params(name), "acc_before": before[name], "acc_after": after[name], "init_r2": float("nan"),
-            "latency_ms": lat.get(name, float("nan")), "latency_batch": len(eval_data.first(latency_batch)) if latency else None,
-            "latency_device": str(dev) if latency else None, "bucket": -1, "theta": float("nan"), "gamma": float("nan"),
+            "latency_ms": lat.get(name, float("nan")), "latency_batch": lat_batch, "latency_device": lat_device, "bucket": -1, "theta": float("nan"), "gamma": float("nan"),
         })
     seconds = time.perf_counter() - t_start
     if rank == 0:
@@ -563,7 +563,8 @@ def train_run(
             "config": config, "epochs_done": epoch_done, "checkpoint": str(ckpt_path.relative_to(run_dir)),
             "train_split": TRAIN_SPLIT, "train_images": train_data.n, "eval_split": EVAL_SPLIT, "eval_images": eval_data.n,
             "data_config": data_config, "history": history, "seconds": seconds,
-            "latency": {"batch": rows[0]["latency_batch"], "device": str(dev), "repeats": latency_repeats} if latency else None,
+            "latency": {"batch": lat_batch, "device": lat_device, "repeats": latency_repeats,
+                        "statistic": "median ms per forward pass of one batch"} if latency else None,
             "accuracy_unit": "percent", "flops": FLOPS_CONVENTION, "versions": package_versions(),
         })
     dist_barrier()
