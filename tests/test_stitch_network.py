@@ -10,7 +10,9 @@ from klas.errors import KlasError
 from klas.models import LoadedModel, ModelSpec, adapt, count_macs, data_config_of, profile_adapter
 from klas.stitch.init import DEFAULT_RIDGE, flatten_positions, least_squares_init, solve_ridge
 from klas.stitch.layers import make_stitch_layer, stitch_layer_macs, stitch_layer_params
-from klas.stitch.network import StitchedModel, StitchNet, StitchSpec, stitch_id, stitch_macs, stitch_params
+from klas.stitch.network import (
+    StitchedModel, StitchNet, StitchSpec, direct_stitch_macs, stitch_id, stitch_macs, stitch_params,
+)
 
 
 def tiny(arch: str, seed: int, size: int = 32, **kwargs) -> LoadedModel:
@@ -79,6 +81,7 @@ def test_stitch_cost_equals_direct_mac_count(pair, kind):
         direct, out = count_macs(model, x)
         assert out.shape == (1, 10)
         assert stitch_macs(a.profile, i, b.profile, j, kind) == direct
+        assert direct_stitch_macs(a.adapter, i, b.adapter, j, (3, 32, 32), kind) == direct
         # params: exactly the modules the stitched network runs
         used = sum(p.numel() for p in a.adapter.parameters()) - sum(
             p.numel() for blk in a.adapter.blocks[i:] for p in blk.parameters()) - sum(
@@ -205,6 +208,10 @@ def test_least_squares_init_nchw_and_mlp():
     specs = [spec(a, 2, b, 1), spec(a, 3, b, 4)]  # layer1 -> layer1 (64 ch, 16x16), layer2 -> layer2 (128 ch, 8x8)
     torch.manual_seed(0)
     images = torch.randn(8, 3, 64, 64)
+    for s in specs:  # costs of NCHW stitches (1x1 conv layer) match a direct count too
+        for kind in ("linear", "mlp"):
+            assert stitch_macs(a.profile, s.src_cut, b.profile, s.dst_cut, kind) == \
+                direct_stitch_macs(a.adapter, s.src_cut, b.adapter, s.dst_cut, (3, 64, 64), kind)
     lin = StitchNet.from_loaded([a, b], specs, kind="linear")
     lin.train()  # stitch layers train; anchors (batch norm here) must stay in eval mode
     assert lin.stitch_layer(lin.stitch_ids[0]).training and not a.adapter.training and not b.adapter.model.bn1.training

@@ -112,6 +112,27 @@ def stitch_params(profile_a: Profile, src_cut: int, profile_b: Profile, dst_cut:
     return int(profile_a.prefix_params(src_cut) + layer + profile_b.suffix_params(dst_cut))
 
 
+def direct_stitch_macs(src: Adapter, src_cut: int, dst: Adapter, dst_cut: int, input_size: tuple[int, int, int],
+                       layer_kind: str = "linear") -> int:
+    """MACs of one image through a freshly built :class:`StitchedModel`, counted by running it
+    (:func:`klas.models.count_macs`); the cross-check for :func:`stitch_macs`."""
+    from klas.models import count_macs
+
+    h = src.run_blocks(src.stem(torch.zeros(1, *input_size, device=_device_of(src))), 0, src_cut)
+    width_in = src.shape_of(h)[0]
+    width_out = dst.shape_of(dst.run_blocks(dst.stem(torch.zeros(1, *input_size, device=_device_of(dst))), 0, dst_cut))[0]
+    layer = make_stitch_layer(layer_kind, width_in, width_out, src.layout).to(_device_of(src))
+    model = StitchedModel(src, src_cut, layer, dst, dst_cut)
+    with torch.no_grad():
+        macs, _ = count_macs(model, torch.zeros(1, *input_size, device=_device_of(src)))
+    return int(macs)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 # -- modules -------------------------------------------------------------------------------------
 
 
