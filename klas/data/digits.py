@@ -45,6 +45,7 @@ class DigitsConfig:
     shear: float = 0.25  # max |shear| (x shift per unit y)
     translate: float = 0.15  # max |shift| as a fraction of the frame
     contrast: tuple[float, float] = (0.25, 1.0)  # |foreground - background| range
+    invert_p: float = 0.5  # probability of a dark digit on a light background
     noise: tuple[float, float] = (0.05, 0.25)  # std of additive gaussian noise (image range 0..1)
     occlusion_p: float = 0.6  # probability of an occluding rectangle
     occlusion_size: tuple[float, float] = (0.2, 0.45)  # its side range as a fraction of the frame
@@ -106,7 +107,7 @@ def _colours(rng: np.random.Generator, n: int, cfg: DigitsConfig) -> tuple[np.nd
     """Background and foreground RGB (n, 3) with |fg - bg| = contrast (per image), either polarity."""
     contrast = rng.uniform(*cfg.contrast, n)[:, None]
     tint = rng.uniform(0.6, 1.0, (n, 3))  # per-channel share of the contrast: coloured, not just grey
-    sign = np.where(rng.random(n) < 0.5, 1.0, -1.0)[:, None]  # light-on-dark or dark-on-light
+    sign = np.where(rng.random(n) < cfg.invert_p, -1.0, 1.0)[:, None]  # dark-on-light or light-on-dark
     delta = sign * contrast * tint
     lo, hi = np.maximum(0.0, -delta), np.minimum(1.0, 1.0 - delta)
     bg = lo + rng.random((n, 3)) * (hi - lo)
