@@ -196,7 +196,7 @@ def test_train_writes_results_and_is_deterministic(fake, tmp_path):
         r = rows[stitch_id(a, i, b, j)]
         assert r["kind"] == "stitch" and r["macs"] == stitch_macs(prof[a], i, prof[b], j)
         assert r["route"] == f"{a}[0..{i - 1}] -> {b}[{j}..3]"
-        assert 0 <= r["acc_before"] <= 100 and 0 <= r["acc_after"] <= 100 and np.isfinite(r["init_r2"])
+        assert 0 <= r["acc_before"] <= 1 and 0 <= r["acc_after"] <= 1 and np.isfinite(r["init_r2"])
     for n in MODELS:
         assert rows[n]["kind"] == "anchor" and rows[n]["macs"] == prof[n].macs and rows[n]["dst"] is None
         assert rows[n]["acc_before"] == rows[n]["acc_after"]  # frozen anchors

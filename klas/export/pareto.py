@@ -88,7 +88,7 @@ class ExportResult:
             t.add_column(col, justify=just, overflow="fold")
         for r in self.front:
             lat = f"{r['latency_ms']:.2f}" if _finite(r.get("latency_ms")) else ""
-            cells = [r["id"], r["kind"], f"{r['gflops']:.4f}", f"{r['acc_after']:.2f}", lat]
+            cells = [r["id"], r["kind"], f"{r['gflops']:.4f}", f"{100 * r['acc_after']:.2f}", lat]
             if self.models:
                 art = self.models.get(r["id"], "")
                 if r["id"] in self.onnx:
@@ -110,19 +110,19 @@ def plot_front(rows: list[dict], front: list[dict], out_base: Path, *, title: st
     anchors = [r for r in rows if r["kind"] == "anchor" and _finite(r.get("acc_after"))]
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=150)
     if any(_finite(r.get("acc_before")) for r in stitches):
-        ax.scatter([r["gflops"] for r in stitches], [r["acc_before"] for r in stitches], s=14, marker="o",
+        ax.scatter([r["gflops"] for r in stitches], [100 * r["acc_before"] for r in stitches], s=14, marker="o",
                    facecolors="none", edgecolors="#b0b0b0", linewidths=0.8, zorder=1,
                    label="stitch before fine-tuning (LS init)")
-    ax.scatter([r["gflops"] for r in stitches], [r["acc_after"] for r in stitches], s=22, color="#4c72b0",
+    ax.scatter([r["gflops"] for r in stitches], [100 * r["acc_after"] for r in stitches], s=22, color="#4c72b0",
                alpha=0.85, zorder=3, label=f"stitch after fine-tuning ({len(stitches)})")
-    ax.scatter([r["gflops"] for r in anchors], [r["acc_after"] for r in anchors], s=90, marker="*",
+    ax.scatter([r["gflops"] for r in anchors], [100 * r["acc_after"] for r in anchors], s=90, marker="*",
                color="#dd8452", edgecolors="black", linewidths=0.6, zorder=5, label="anchor (single model)")
     for r in anchors:
-        ax.annotate(r["id"], (r["gflops"], r["acc_after"]), xytext=(6, -12), textcoords="offset points",
+        ax.annotate(r["id"], (r["gflops"], 100 * r["acc_after"]), xytext=(6, -12), textcoords="offset points",
                     fontsize=9, fontweight="bold", zorder=6)
     if front:
         xs = [r["gflops"] for r in front]
-        ys = [r["acc_after"] for r in front]
+        ys = [100 * r["acc_after"] for r in front]
         ax.step(xs, ys, where="post", color="#c44e52", linewidth=1.8, zorder=4, label=f"Pareto front ({len(front)})")
         ax.scatter(xs, ys, s=36, facecolors="none", edgecolors="#c44e52", linewidths=1.4, zorder=4)
     if budget_gflops is not None:
@@ -214,7 +214,7 @@ def export_pareto(
             "selection_sha256": sha256_json(selection),
             "budget_gflops": budget,
             "cost": "gflops", "flops": FLOPS_CONVENTION,
-            "accuracy": "top-1 % on the eval split after fine-tuning (acc_after)",
+            "accuracy": "acc_after: top-1 on the eval split after fine-tuning, a fraction in [0, 1]",
             "points": len(rows),
             "front": [{k: _json_safe(r.get(k)) for k in CSV_COLUMNS} for r in front],
             "train": {k: train_info.get(k) for k in ("config", "epochs_done")} if train_info else None,
@@ -267,7 +267,7 @@ def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device,
         rel = f"models/{safe_name(rid)}"
         info = {
             "id": rid, "route": r["route"], "data_config": data_config,
-            "accuracy": {"top1": r["acc_after"], "top1_before_finetune": r.get("acc_before"), "split": "eval", "unit": "percent"},
+            "accuracy": {"top1": r["acc_after"], "top1_before_finetune": r.get("acc_before"), "split": "eval", "unit": "fraction"},
             "macs": r["macs"], "gflops": r["gflops"], "params_run": r["params"], "flops": FLOPS_CONVENTION,
             "run": run_dir.name, "cache_fingerprint": cache.fingerprint, "full_tune": bool(ckpt["config"].get("full_tune")),
         }

@@ -32,7 +32,7 @@ def evaluate_all(
     world: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy (percent) of each id (stitch id or anchor name) on ``data``.
+    """Top-1 accuracy (a fraction in [0, 1]) of each id (stitch id or anchor name) on ``data``.
 
     Each batch runs every anchor's prefix once and branches into all stitches from there
     (:meth:`StitchNet.logits_all`). Under ``torch.distributed`` each rank takes a contiguous share of
@@ -56,7 +56,7 @@ def evaluate_all(
         dist.all_reduce(c)
         correct = c.cpu()
     net.train(was_training)
-    return {i: float(100.0 * correct[k] / data.n) for k, i in enumerate(ids)}
+    return {i: float(correct[k] / data.n) for k, i in enumerate(ids)}
 
 
 @torch.no_grad()

@@ -142,8 +142,8 @@ class TrainResult:
         rows = sorted(self.rows, key=lambda r: (r["macs"], r["id"]))
         for r in rows[:limit]:
             lat = "" if r.get("latency_ms") is None or math.isnan(r["latency_ms"]) else f"{r['latency_ms']:.2f}"
-            t.add_row(r["id"], r["kind"], f"{r['gflops']:.4f}", f"{r['acc_before']:.2f}", f"{r['acc_after']:.2f}",
-                      f"{r['acc_after'] - r['acc_before']:+.2f}", lat)
+            t.add_row(r["id"], r["kind"], f"{r['gflops']:.4f}", f"{100 * r['acc_before']:.2f}",
+                      f"{100 * r['acc_after']:.2f}", f"{100 * (r['acc_after'] - r['acc_before']):+.2f}", lat)
         return t
 
 
@@ -557,7 +557,7 @@ def train_run(
     seconds = time.perf_counter() - t_start
     if rank == 0:
         write_results(run_dir, rows, {"klas.config": sha256_json(config), "klas.selection_sha256": sel_hash,
-                                      "klas.accuracy_unit": "percent", "klas.flops": FLOPS_CONVENTION})
+                                      "klas.accuracy_unit": "fraction", "klas.flops": FLOPS_CONVENTION})
         write_json_atomic(run_dir / MANIFEST, {
             "format": MANIFEST_FORMAT, "selection_sha256": sel_hash, "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
             "config": config, "epochs_done": epoch_done, "checkpoint": str(ckpt_path.relative_to(run_dir)),
@@ -565,7 +565,7 @@ def train_run(
             "data_config": data_config, "history": history, "seconds": seconds,
             "latency": {"batch": lat_batch, "device": lat_device, "repeats": latency_repeats,
                         "statistic": "median ms per forward pass of one batch"} if latency else None,
-            "accuracy_unit": "percent", "flops": FLOPS_CONVENTION, "versions": package_versions(),
+            "accuracy_unit": "fraction", "flops": FLOPS_CONVENTION, "versions": package_versions(),
         })
     dist_barrier()
     return TrainResult(run_dir, rows, config, epoch_done, True, seconds, history)

@@ -24,8 +24,8 @@ SCHEMA = pa.schema([
     ("macs", pa.int64()),
     ("gflops", pa.float64()),  # macs / 1e9 (fvcore: one multiply-add = one FLOP)
     ("params", pa.int64()),
-    ("acc_before", pa.float64()),  # top-1 % on the eval split after least-squares init, before fine-tuning
-    ("acc_after", pa.float64()),  # top-1 % on the eval split after fine-tuning
+    ("acc_before", pa.float64()),  # top-1 (fraction) on the eval split after least-squares init, before fine-tuning
+    ("acc_after", pa.float64()),  # top-1 (fraction) on the eval split after fine-tuning
     ("init_r2", pa.float64()),  # variance of the target representation explained by the LS fit
     ("latency_ms", pa.float64()),  # median ms per forward pass of latency_batch images
     ("latency_batch", pa.int64()),
