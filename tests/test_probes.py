@@ -9,6 +9,16 @@ from klas.errors import KlasError
 from klas.probes import ProbeBank, train_probes
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: hundreds of small steps run faster on one thread, and much faster
+    than two OpenMP threads on a busy 2-core machine. Restored after each test."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _gaussian_classes(n: int, c: int, dims: list[int], snr: float, seed: int = 0):
     """P feature arrays (n, D_p) whose classes have separated means, with offsets/scales to standardise."""
     rng = np.random.default_rng(seed)

@@ -18,6 +18,9 @@ _FORMAT = "klas-probe-bank"
 _VERSION = "1"
 _KEYS = ("weight", "bias", "mean", "std", "dims")
 
+#: Default size of one streamed chunk of logits (float32 bytes).
+LOGIT_CHUNK_BYTES = 1 << 26
+
 
 @dataclass
 class ProbeBank:
@@ -73,10 +76,16 @@ class ProbeBank:
         return self._forward(x)
 
     @torch.no_grad()
-    def iter_logits(self, feats: Sequence[FeatureArray], batch_size: int = 4096) -> Iterator[Tensor]:
-        """Stream logits chunk by chunk -> (P, <=batch_size, C) each; feeds :func:`klas.score.kl_matrix`."""
+    def iter_logits(self, feats: Sequence[FeatureArray], batch_size: int | None = None) -> Iterator[Tensor]:
+        """Stream logits chunk by chunk -> (P, <=batch_size, C) each; feeds :func:`klas.score.kl_matrix`.
+
+        ``batch_size=None`` sizes chunks to ~64 MiB of float32 logits (430 samples at P=39, C=1000),
+        which keeps the scorer's memory flat and its GEMM efficient.
+        """
         n = self._check(feats)
         dmax = int(self.weight.shape[1])
+        if batch_size is None:
+            batch_size = LOGIT_CHUNK_BYTES // (4 * self.num_probes * self.num_classes)
         for a, b in iter_row_chunks(n, max(1, int(batch_size))):
             yield self._forward(pad_rows(feats, a, b, dmax, self.device, torch.float32))
 
