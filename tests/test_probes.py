@@ -166,3 +166,14 @@ def test_clear_errors(tmp_path):
     bank = train_probes(feats, y, 3, epochs=1, device="cpu")
     with pytest.raises(KlasError, match="expects width 5"):
         bank.logits([feats[0], feats[0]])
+
+
+def test_refuses_when_features_do_not_fit(monkeypatch):
+    import klas.probes._features as features
+
+    feats, y = _gaussian_classes(50, 3, [4, 5], snr=1.0)
+    monkeypatch.setattr(features, "free_bytes", lambda device: 1000)  # 2 * 50 * 5 * 4 bytes = 2000 needed
+    with pytest.raises(KlasError, match="GiB is free"):
+        train_probes(feats, y, 3, device="cpu")
+    monkeypatch.setattr(features, "free_bytes", lambda device: None)
+    train_probes(feats, y, 3, epochs=1, min_steps=0, device="cpu")

@@ -66,9 +66,34 @@ def pad_rows(
     return out
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` (CUDA: driver's free; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse up front, with a one-line fix, instead of failing mid-way with an allocator error."""
+    free = free_bytes(device)
+    if free is not None and nbytes > free:
+        raise KlasError(
+            f"{what} need {nbytes / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB is free; "
+            "use fewer calibration samples or fewer models, or another --device"
+        )
+
+
 def stack_padded(feats: Sequence[FeatureArray], device: torch.device, dtype: torch.dtype) -> Tensor:
     """All rows of all probes in one zero-padded tensor -> (P, N, Dmax); costs P*N*Dmax*itemsize bytes on ``device``."""
     n, dims = check_features(feats)
+    itemsize = torch.finfo(dtype).bits // 8
+    check_fits(len(feats) * n * max(dims) * itemsize, device, "probe training features")
     out = torch.zeros(len(feats), n, max(dims), device=device, dtype=dtype)
     for p, f in enumerate(feats):
         for start in range(0, n, ROW_CHUNK):
