@@ -1,0 +1,142 @@
+"""The demo model family, trained locally on CPU on the built-in digits set (no downloads).
+
+Importing this package registers the architectures with timm (``timm.create_model("klas_vit_ti")``);
+:func:`train_zoo` / :func:`zoo_weights` train them on the digits ``probe-train`` split and store
+``<root>/zoo/<arch>.safetensors`` plus an index ``<root>/zoo/zoo.json`` (see :func:`read_zoo`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+
+from klas.errors import KlasError
+from klas.utils import DEFAULT_ROOT, read_json, sha256_file, write_json_atomic
+from klas.zoo import models as _models  # noqa: F401  registers the architectures with timm
+from klas.zoo.train import Recipe
+
+#: The demo families, smallest first.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "vit": ("klas_vit_ti", "klas_vit_s", "klas_vit_b"),
+    "cnn": ("klas_resnet_s", "klas_resnet_l"),
+}
+ZOO_ARCHS: tuple[str, ...] = tuple(a for members in FAMILIES.values() for a in members)
+
+#: Training recipe per model (see :class:`klas.zoo.train.Recipe`); epochs sized so the whole zoo
+#: trains in about three minutes on a 2-core CPU.
+RECIPES: dict[str, Recipe] = {
+    "klas_vit_ti": Recipe(epochs=5),
+    "klas_vit_s": Recipe(epochs=5),
+    "klas_vit_b": Recipe(epochs=5),
+    "klas_resnet_s": Recipe(epochs=5),
+    "klas_resnet_l": Recipe(epochs=5),
+}
+
+#: Seed of the digits split the zoo trains on (probe-train) and reports on (eval).
+SPLIT_SEED = 0
+
+_INDEX = "zoo.json"
+
+
+def is_zoo_model(arch: str) -> bool:
+    """Whether ``arch`` (optionally ``arch.tag``) is one of klas's demo models."""
+    return arch.split(".", 1)[0] in ZOO_ARCHS
+
+
+def zoo_dir(root: Path = DEFAULT_ROOT) -> Path:
+    """Where the zoo lives: ``root / "zoo"``."""
+    return Path(root) / "zoo"
+
+
+def read_zoo(root: Path = DEFAULT_ROOT) -> dict[str, dict[str, Any]]:
+    """The zoo index, ``{arch: record}``; ``{}`` before anything was trained.
+
+    A record holds ``eval_acc`` (top-1 on the digits eval split, a fraction), ``params``, ``macs``
+    (per 3x32x32 image, fvcore convention: one multiply-add = one FLOP), ``epochs``, ``steps``,
+    ``seconds`` (training + evaluation wall time), ``seed``, ``sha256`` of the weights file,
+    ``weights`` (file name in :func:`zoo_dir`), ``data`` / ``data_fingerprint`` / ``split_seed``,
+    split sizes, the full ``recipe`` and the torch / timm versions.
+    """
+    path = zoo_dir(root) / _INDEX
+    if not path.exists():
+        return {}
+    index = read_json(path, what="zoo index")
+    if not isinstance(index, dict):
+        raise KlasError(f"zoo index {path} is not a JSON object; delete it and rerun 'klas zoo'")
+    return index
+
+
+def _recipe_for(arch: str, **overrides: int | None) -> Recipe:
+    """The default recipe of ``arch`` with the given non-None fields replaced."""
+    return dataclasses.replace(RECIPES[arch], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _is_current(record: dict[str, Any] | None, recipe: Recipe, fingerprint: str, root: Path) -> bool:
+    """A record counts only if it matches the recipe and data and its weights file is intact."""
+    if not record or record.get("recipe") != recipe.to_json() or record.get("data_fingerprint") != fingerprint:
+        return False
+    path = zoo_dir(root) / record.get("weights", "")
+    return path.is_file() and sha256_file(path) == record.get("sha256")
+
+
+def _check_names(names: Iterable[str] | None) -> list[str]:
+    if names is None:
+        return list(ZOO_ARCHS)
+    names = [n.split(".", 1)[0] for n in names]
+    unknown = [n for n in names if n not in ZOO_ARCHS]
+    if unknown:
+        raise KlasError(f"unknown zoo model {unknown[0]!r}; the zoo has {', '.join(ZOO_ARCHS)}")
+    return list(dict.fromkeys(names))
+
+
+def _digits_fingerprint() -> str:
+    from klas.data.digits import DigitsConfig
+
+    return DigitsConfig().fingerprint()
+
+
+def train_zoo(
+    root: Path = DEFAULT_ROOT,
+    names: Iterable[str] | None = None,
+    force: bool = False,
+    console: Console | None = None,
+    *,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    limit: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train the zoo models that are missing or stale (all of ``ZOO_ARCHS`` by default); return the index.
+
+    A model is retrained when ``force`` is set, its weights are missing or do not match their recorded
+    sha256, or its recorded recipe / data fingerprint differ from the current ones. ``epochs``,
+    ``max_steps`` and ``limit`` (images kept per split) override the recipe for quick smoke runs; the
+    record keeps the recipe it was trained with, so a later default call retrains those models properly.
+    """
+    from klas.zoo.run import train_and_record
+
+    root = Path(root)
+    todo = []
+    index = read_zoo(root)
+    fingerprint = _digits_fingerprint()
+    for arch in _check_names(names):
+        recipe = _recipe_for(arch, epochs=epochs, max_steps=max_steps, limit=limit)
+        if force or not _is_current(index.get(arch), recipe, fingerprint, root):
+            todo.append((arch, recipe))
+    if todo:
+        train_and_record(todo, root=root, console=console or Console(stderr=True))
+    return read_zoo(root)
+
+
+def zoo_weights(arch: str, root: Path = DEFAULT_ROOT, console: Console | None = None) -> Path:
+    """Path of ``arch``'s ``.safetensors`` weights, training that model first if it is missing or stale."""
+    (arch,) = _check_names([arch])
+    index = train_zoo(root, names=[arch], console=console)
+    return zoo_dir(root) / index[arch]["weights"]
+
+
+__all__ = [
+    "FAMILIES", "ZOO_ARCHS", "RECIPES", "SPLIT_SEED",
+    "is_zoo_model", "zoo_dir", "read_zoo", "train_zoo", "zoo_weights",
+]

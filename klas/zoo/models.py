@@ -1,0 +1,113 @@
+"""The demo family as timm architectures: ``timm.create_model("klas_vit_ti")`` works once this is imported.
+
+Two families, sized for 32x32 inputs and CPU training:
+
+* ViT (DeiT-Ti/S/B analogue): ``klas_vit_ti`` / ``_s`` / ``_b``, timm ``VisionTransformer`` with a cls token,
+  equal depth, widths 1:2:4 with heads scaling alongside (fixed head dim), patch 4 -> 8x8 tokens.
+* CNN (ResNet-18/50 analogue): ``klas_resnet_s`` (BasicBlock) and ``klas_resnet_l`` (Bottleneck), timm
+  ``ResNet`` with narrower channels.
+
+The pretrained cfgs carry no url / hf_hub: the weights come from :func:`klas.zoo.zoo_weights`. With
+``pretrained=True`` and no explicit file, the entrypoint points timm at those (training on first use).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+#: Architecture kwargs per demo model (what differs between family members).
+VIT_ARGS: dict[str, dict[str, Any]] = {
+    "klas_vit_ti": dict(embed_dim=48, num_heads=3),
+    "klas_vit_s": dict(embed_dim=96, num_heads=6),
+    "klas_vit_b": dict(embed_dim=192, num_heads=12),
+}
+#: Shared by the ViTs: 32x32 input, 4x4 patches (64 tokens + cls), 6 blocks, head dim 16.
+VIT_COMMON: dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, mlp_ratio=4.0, class_token=True, global_pool="token")
+
+RESNET_ARGS: dict[str, dict[str, Any]] = {
+    "klas_resnet_s": dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 128), stem_width=16),
+    "klas_resnet_l": dict(block=Bottleneck, layers=(3, 4, 6, 3), channels=(32, 64, 128, 256), stem_width=32),
+}
+
+
+def _cfg(classifier: str, first_conv: str) -> dict[str, Any]:
+    """A pretrained cfg for the digits weights: preprocessing only, no download source."""
+    return dict(
+        num_classes=10,
+        input_size=(3, 32, 32),
+        fixed_input_size=False,
+        pool_size=None,
+        crop_pct=1.0,
+        crop_mode="center",
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        first_conv=first_conv,
+        classifier=classifier,
+        license="same as klas",
+        notes=("trained by klas on the built-in digits set (klas zoo)",),
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg("head", "patch_embed.proj") for name in VIT_ARGS},
+    **{name: _cfg("fc", "conv1") for name in RESNET_ARGS},
+})
+
+
+def _with_zoo_weights(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """For ``pretrained=True`` without a file of the caller's, load klas's own weights for ``variant``."""
+    if not pretrained:
+        return
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
+        from klas.zoo import zoo_weights
+
+        overlay["file"] = str(zoo_weights(variant))
+        kwargs["pretrained_cfg_overlay"] = overlay
+
+
+def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    _with_zoo_weights(variant, pretrained, kwargs)
+    args = {**VIT_COMMON, **VIT_ARGS[variant], **kwargs}
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args
+    )
+
+
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
+    _with_zoo_weights(variant, pretrained, kwargs)
+    return build_model_with_cfg(ResNet, variant, pretrained, **{**RESNET_ARGS[variant], **kwargs})
+
+
+@register_model
+def klas_vit_ti(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Ti analogue for 32x32: width 48, 3 heads, 6 blocks."""
+    return _create_vit("klas_vit_ti", pretrained, **kwargs)
+
+
+@register_model
+def klas_vit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-S analogue for 32x32: width 96, 6 heads, 6 blocks."""
+    return _create_vit("klas_vit_s", pretrained, **kwargs)
+
+
+@register_model
+def klas_vit_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-B analogue for 32x32: width 192, 12 heads, 6 blocks."""
+    return _create_vit("klas_vit_b", pretrained, **kwargs)
+
+
+@register_model
+def klas_resnet_s(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 analogue: BasicBlock (2, 2, 2, 2), channels 16-128."""
+    return _create_resnet("klas_resnet_s", pretrained, **kwargs)
+
+
+@register_model
+def klas_resnet_l(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-50 analogue: Bottleneck (3, 4, 6, 3), channels 32-256 (x4 expansion)."""
+    return _create_resnet("klas_resnet_l", pretrained, **kwargs)

@@ -1,0 +1,126 @@
+"""Train one demo model on the digits ``probe-train`` split and measure it on ``eval``, on CPU, seeded.
+
+Plain recipe: the split is preprocessed once into a tensor, then minibatch AdamW with linear warmup and
+a cosine decay, cross-entropy with label smoothing, gradient clipping. No augmentation beyond the
+digits set's own variants. Same seed and machine => same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress, TaskID
+from torch import Tensor, nn
+
+from klas.utils import seed_everything
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyper-parameters of one zoo model (recorded in zoo.json; changing them retrains)."""
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.05  # on weights with >= 2 dims only
+    warmup_frac: float = 0.1  # share of steps spent warming up linearly from 0
+    label_smoothing: float = 0.1
+    clip_grad: float = 1.0  # max global grad norm
+    seed: int = 0
+    max_steps: int | None = None  # cap on optimiser steps (smoke tests); None trains all epochs
+    limit: int | None = None  # keep N images of the train and eval splits (smoke tests); None keeps all
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, Tensor]
+    eval_acc: float  # top-1 on the eval split, fraction in [0, 1]
+    steps: int
+    seconds: float  # wall time of the optimisation loop plus evaluation
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices/kernels only; biases, norms, cls token and position embeddings are left alone."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(total: int, warmup: int):
+    """Multiplier of the peak lr at step s: linear warmup to 1, then cosine down to 0 at ``total``."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return fn
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on x (N, C, H, W), y (N,)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum().item()
+    return correct / len(x)
+
+
+def train_model(
+    arch: str,
+    train: tuple[Tensor, Tensor],
+    evaluation: tuple[Tensor, Tensor],
+    recipe: Recipe,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train ``arch`` from a seeded random init on ``train`` = (x, y) and report top-1 on ``evaluation``."""
+    start = time.perf_counter()
+    x, y = train  # (N, 3, 32, 32) float32, (N,) int64
+    gen = seed_everything(recipe.seed)
+    model = timm.create_model(arch, pretrained=False)
+    model.train()
+    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999), fused=True)
+    batch_size = min(recipe.batch_size, len(x))
+    steps_per_epoch = len(x) // batch_size  # drop the ragged last batch (BatchNorm, even step cost)
+    total = recipe.epochs * steps_per_epoch
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, round(recipe.warmup_frac * total))))
+    task: TaskID | None = None
+    if progress is not None:
+        task = progress.add_task(arch, total=total, epoch=0, epochs=recipe.epochs, loss=float("nan"))
+
+    step = 0
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
+            opt.step()
+            sched.step()
+            step += 1
+            if task is not None:
+                progress.update(task, advance=1, epoch=epoch + 1, loss=loss.item())
+    eval_acc = accuracy(model, *evaluation)
+    if task is not None:
+        progress.update(task, description=f"{arch} [green]eval {100 * eval_acc:.1f}%")
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return TrainResult(state, eval_acc, step, time.perf_counter() - start)

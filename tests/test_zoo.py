@@ -1,0 +1,128 @@
+"""klas.zoo: timm registration of the demo family, the zoo index, a tiny training smoke run (CPU)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import timm
+import torch
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.vision_transformer import VisionTransformer
+
+import klas.zoo
+from klas.errors import KlasError
+from klas.utils import sha256_file
+from klas.zoo import FAMILIES, ZOO_ARCHS, is_zoo_model, read_zoo, train_zoo, zoo_dir
+
+
+@pytest.mark.parametrize("arch", ZOO_ARCHS)
+def test_zoo_arch_builds_and_classifies_digits(arch):
+    model = timm.create_model(arch).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    cfg = model.pretrained_cfg
+    assert tuple(cfg["input_size"]) == (3, 32, 32) and cfg["num_classes"] == 10
+    assert tuple(cfg["mean"]) == tuple(cfg["std"]) == (0.5, 0.5, 0.5)
+    assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
+    assert not cfg.get("url") and not cfg.get("hf_hub_id")  # weights come from klas, never a hub
+    assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 32, 32)
+
+
+def test_vit_family_is_a_deit_analogue():
+    vits = [timm.create_model(a) for a in FAMILIES["vit"]]
+    assert all(isinstance(m, VisionTransformer) and m.cls_token is not None for m in vits)
+    depths = {len(m.blocks) for m in vits}
+    assert len(depths) == 1 and depths.pop() >= 6  # equal depth, room to stitch
+    widths = [m.embed_dim for m in vits]
+    assert widths == sorted(widths) and len(set(widths)) == 3
+    head_dims = {m.blocks[0].attn.head_dim for m in vits}
+    assert len(head_dims) == 1  # heads scale with width
+    params = [sum(p.numel() for p in m.parameters()) for m in vits]
+    assert params == sorted(params)
+
+
+def test_cnn_family_is_a_resnet_analogue():
+    small, large = (timm.create_model(a) for a in FAMILIES["cnn"])
+    assert isinstance(small, ResNet) and isinstance(large, ResNet)
+    assert isinstance(small.layer1[0], BasicBlock) and isinstance(large.layer1[0], Bottleneck)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in large.parameters())
+
+
+def test_is_zoo_model():
+    assert all(is_zoo_model(a) for a in ZOO_ARCHS)
+    assert is_zoo_model("klas_vit_ti.anytag")  # pretrained tags are stripped
+    assert not is_zoo_model("vit_tiny_patch16_224") and not is_zoo_model("resnet18")
+
+
+def test_read_zoo_before_training_is_empty(tmp_path):
+    assert read_zoo(tmp_path) == {}
+    assert zoo_dir(tmp_path) == tmp_path / "zoo"
+
+
+def test_read_zoo_corrupt_index(tmp_path):
+    zoo_dir(tmp_path).mkdir()
+    (zoo_dir(tmp_path) / "zoo.json").write_text("{not json")
+    with pytest.raises(KlasError, match="zoo index .* unreadable"):
+        read_zoo(tmp_path)
+
+
+def test_unknown_zoo_model(tmp_path):
+    with pytest.raises(KlasError, match="unknown zoo model 'klas_vit_xl'"):
+        train_zoo(tmp_path, names=["klas_vit_xl"])
+
+
+SMOKE = ["klas_resnet_s", "klas_vit_ti"]
+
+
+def _smoke(root, names):
+    """A few optimiser steps on 64 images per split: exercises the whole path in seconds."""
+    return train_zoo(root, names=names, epochs=3, max_steps=2, limit=64)
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    _smoke(root, SMOKE)
+    return root
+
+
+def test_train_zoo_smoke_records_and_reuses(smoke_root):
+    index = read_zoo(smoke_root)
+    assert set(index) == set(SMOKE)
+    for arch in SMOKE:
+        rec = index[arch]
+        path = zoo_dir(smoke_root) / rec["weights"]
+        assert path.name == f"{arch}.safetensors" and sha256_file(path) == rec["sha256"]
+        assert 0.0 <= rec["eval_acc"] <= 1.0
+        assert rec["steps"] == 2 and rec["epochs"] == 3 and rec["recipe"]["max_steps"] == 2
+        assert rec["params"] > 0 and rec["macs"] > 0 and rec["seconds"] > 0
+        assert rec["data"] == "digits" and len(rec["data_fingerprint"]) == 64
+        assert rec["train_images"] == rec["eval_images"] == 64 and rec["recipe"]["limit"] == 64
+        # the saved weights load through timm's own pretrained mechanism
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    # current records are reused, not retrained
+    mtime = (zoo_dir(smoke_root) / "klas_vit_ti.safetensors").stat().st_mtime_ns
+    assert _smoke(smoke_root, ["klas_vit_ti"]) == index
+    assert (zoo_dir(smoke_root) / "klas_vit_ti.safetensors").stat().st_mtime_ns == mtime
+    assert not list(zoo_dir(smoke_root).glob(".*tmp*"))  # no temp files left behind
+
+
+def test_train_zoo_is_deterministic_and_retrains_damaged_weights(smoke_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_root, copy)
+    (zoo_dir(copy) / "klas_resnet_s.safetensors").write_bytes(b"damaged")
+    retrained = _smoke(copy, ["klas_resnet_s"])["klas_resnet_s"]
+    # same seed, same machine => same weights
+    assert retrained["sha256"] == read_zoo(smoke_root)["klas_resnet_s"]["sha256"]
+    assert sha256_file(zoo_dir(copy) / "klas_resnet_s.safetensors") == retrained["sha256"]
+
+
+def test_pretrained_true_uses_zoo_weights(smoke_root, monkeypatch):
+    path = zoo_dir(smoke_root) / read_zoo(smoke_root)["klas_resnet_s"]["weights"]
+    monkeypatch.setattr(klas.zoo, "zoo_weights", lambda arch, **kw: path)
+    model = timm.create_model("klas_resnet_s", pretrained=True)
+    from safetensors.torch import load_file
+
+    assert torch.equal(model.state_dict()["fc.weight"], load_file(str(path))["fc.weight"])
