@@ -131,6 +131,15 @@ def moments(x: Tensor, dims: Sequence[int], eps: float = 1e-6) -> tuple[Tensor, 
     return mean.float(), std.float()
 
 
+def standardise_(x: Tensor, mean: Tensor, std: Tensor) -> None:
+    """In place, x <- (x - mean) / std per probe and column, a row chunk at a time (float32 maths); x (P, N, Dmax)."""
+    p, n, dmax = x.shape
+    rows = max(1, (1 << 24) // max(1, p * dmax))  # ~64 MiB of float32 per chunk
+    inv = std.reciprocal()[:, None]  # (P, 1, Dmax)
+    for a, b in iter_row_chunks(n, rows):
+        x[:, a:b] = ((x[:, a:b].float() - mean[:, None]) * inv).to(x.dtype)
+
+
 def feature_mask(dims: Sequence[int] | Tensor, dmax: int, device: torch.device) -> Tensor:
     """True where column d < dims[p] -> (P, Dmax) bool."""
     d = torch.as_tensor(dims, device=device).view(-1, 1)
