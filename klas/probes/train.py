@@ -1,7 +1,10 @@
 """Train all P linear probes at once: one baddbmm per step over a (P, B, Dmax) padded batch.
 
-Recipe (defaults of :func:`train_probes`, chosen on synthetic Gaussian-class data to converge in
-a few epochs, see tests/test_probes.py and the search docs):
+Recipe (defaults of :func:`train_probes`). Chosen on synthetic Gaussian-class features (1,500
+samples x 10 classes and 10,000 x 100, widths 64-768, a hard, a medium and an easy probe each):
+held-out accuracy within ~1-4 points and held-out NLL within ~0.1-0.2 nats of the best of
+sklearn's LogisticRegression over C in {0.01, 0.1, 1}; lr 1e-3 under-converged, 1e-2 overfit
+the hard probes.
 
 * features standardised per probe and column with mean/std fitted on the training features
   (float64 two-pass), so one learning rate suits every block of every model; standardised once,
