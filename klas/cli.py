@@ -172,6 +172,54 @@ def _probe_table(acc: dict[str, list[float]]) -> Table:
     return table
 
 
+@app.command("train")
+def train_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory written by klas search."),
+    epochs: int = typer.Option(5, help="Passes over the probe-train split."),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Default: one pass over the split."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate of the stitch layers (cosine schedule, warm-up)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    loss: str = typer.Option("ce", help="ce (labels), distill (KL to the target's logits), ffm (final feature matching); combine as ce=1,ffm=0.5."),
+    sampling: str = typer.Option("uniform", help="uniform over stitches, or bucket: a FLOPs bucket first (SN-Netv2)."),
+    full_tune: bool = typer.Option(False, "--full-tune", help="Also train the anchors, at 0.1x the learning rate."),
+    layer: Optional[str] = typer.Option(None, help="Stitch layer: linear or mlp [default: the search's]."),
+    init: str = typer.Option("ls", help="ls: least squares on probe-train activations; random."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier training of this run."),
+    amp: str = typer.Option("auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16, off."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    seed: int = typer.Option(0),
+    root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
+) -> None:
+    """Build the selected stitches, fine-tune them jointly (SN-Net style) and evaluate every one."""
+    from klas.train import train_run
+
+    result = train_run(
+        run_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, loss=loss, sampling=sampling, full_tune=full_tune, layer=layer, init=init,
+        resume=resume, overwrite=overwrite, amp=amp, device=device, seed=seed, root=root, console=err,
+    )
+    out.print(result.table())
+    out.print(f"results: {result.run_dir / 'results.parquet'}  (next: klas export pareto {result.run_dir})  "
+              f"[{result.seconds:.0f} s]")
+
+
+@export_app.command("pareto")
+def export_pareto_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory trained by klas train."),
+    models: bool = typer.Option(False, "--models", help="Write every front model as a standalone artifact (safetensors + config.json)."),
+    onnx: bool = typer.Option(False, "--onnx", help="With --models, also write ONNX where torch can export it."),
+    root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps demo weights."),
+) -> None:
+    """The FLOPs-accuracy Pareto front as a table, front.csv/json, front.png/svg and deployable models."""
+    from klas.export import export_pareto
+
+    result = export_pareto(run_dir, models=models, onnx=onnx, root=root, console=err)
+    out.print(result.table())
+    out.print(f"picture: {result.out_dir / 'front.png'}  table: {result.out_dir / 'front.csv'}")
+
+
 def main() -> None:
     """Console-script entry point: KlasError -> one line on stderr, exit 2."""
     try:

@@ -72,12 +72,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(z, dim=1).numpy()
 
 
-def _probe_chunks(bank, feats: list[np.ndarray], chunk: int = CHUNK) -> Iterator[torch.Tensor]:
-    n = feats[0].shape[0]
-    for s in range(0, n, chunk):
-        yield bank.logits([f[s : s + chunk] for f in feats])  # (P, n_chunk, C)
-
-
 def _check_cache(cache: Cache, probe_target: str) -> None:
     if len(cache.model_names) < 2:
         raise KlasError(
@@ -145,7 +139,7 @@ def search(
     index = _probe_index(cache)
     where = {key: p for p, key in enumerate(index)}
 
-    labels = np.asarray(cache.labels("probe-train"))
+    labels = np.array(cache.labels("probe-train"))  # a writable copy: torch refuses read-only memmaps
     if probe_target == "labels":
         targets, target_index, classes = labels, None, len(cache.classes)
     else:
@@ -162,17 +156,17 @@ def search(
         )
         score_feats = _features(cache, "score", index)
         n_score = score_feats[0].shape[0]
-        task = bar.add_task(f"KL over {len(index)}² block pairs", total=math.ceil(n_score / CHUNK))
+        task = bar.add_task(f"KL over {len(index)}² block pairs", total=n_score)
 
-        def counted(chunks):
-            for c in chunks:
+        def counted(chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+            for c in chunks:  # (P, n_chunk, C) probe logits
                 yield c
-                bar.advance(task)
+                bar.advance(task, c.shape[1])
 
-        theta = kl_matrix(counted(_probe_chunks(bank, score_feats)), temperature=temperature, device=dev).numpy()
+        theta = kl_matrix(counted(bank.iter_logits(score_feats)), temperature=temperature, device=dev).numpy()
         cka = linear_cka_matrix(score_feats, seed=seed).numpy() if strategy == "cka" else None
 
-    score_labels = np.asarray(cache.labels("score"))
+    score_labels = np.array(cache.labels("score"))
     probe_acc = bank.accuracy(score_feats, score_labels) if probe_target == "labels" else None
     probe_accuracy = {}
     for m in cache.model_names:
