@@ -50,6 +50,7 @@ class Adapter(nn.Module):
         # A plain list, not an nn.ModuleList: the blocks already live inside ``self.model`` and a
         # second registration would duplicate every key in state_dict().
         self._blocks: list[nn.Module] = self._split_blocks()
+        self.train(model.training)  # a fresh nn.Module starts in training mode; follow the model's
 
     # -- what each family provides -------------------------------------------------------------
     def _split_blocks(self) -> list[nn.Module]:
