@@ -15,10 +15,21 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The demo: train (or reuse) the digits model family, then the four klas stages on its ViTs.
+DEMO_BUDGET ?= 0.12
 demo: $(STAMP)
 	$(KLAS) zoo
 	$(KLAS) cache --model klas_vit_ti --model klas_vit_s --model klas_vit_b --data digits --out cache/demo-vit
-	@echo "(search, train and export follow once those stages exist)"
+	$(KLAS) search cache/demo-vit --budget $(DEMO_BUDGET) --run cache/runs/demo-vit --overwrite
+	$(KLAS) train cache/runs/demo-vit --epochs 2 --overwrite
+	$(KLAS) export pareto cache/runs/demo-vit --models
 
 clean-demo:
-	rm -rf cache/demo-vit cache/runs/demo-vit
+	rm -rf cache/demo-vit cache/runs/demo-vit cache/zoo
+
+# Benchmarks behind the README's figures (ratios within one run; minutes on 2 CPU cores).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_storage.py
+	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_scorer.py
+	$(PY) benchmarks/bench_quality.py

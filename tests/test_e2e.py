@@ -1,0 +1,79 @@
+"""The demo path end to end, through the CLI a user types: zoo -> cache -> search -> train -> export.
+
+Uses the real demo family (trained on first use into cache/zoo and reused afterwards), so this is
+also the check that the family spans an accuracy range worth stitching over.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from klas.zoo import FAMILIES, read_zoo, train_zoo
+
+pytestmark = pytest.mark.slow
+VIT = list(FAMILIES["vit"])
+
+
+def klas(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "klas", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    train_zoo()
+    return read_zoo()
+
+
+def test_demo_family_spans_a_real_accuracy_range(zoo):
+    for family in FAMILIES.values():
+        accs = [zoo[name]["eval_acc"] for name in family]
+        assert accs[-1] - accs[0] >= 0.05, (family, accs)
+        macs = [zoo[name]["macs"] for name in family]
+        assert macs == sorted(macs)
+
+
+def test_pipeline_end_to_end(zoo, tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    models = [a for name in VIT for a in ("--model", name)]
+    klas("cache", *models, "--data", "digits", "--limit", "400", "--out", str(cache))
+    budget = "0.12"
+    first = klas("search", str(cache), "--budget", budget, "--run", str(run), "--json")
+    selection = json.loads(first.stdout)
+    assert selection["stitches"], "the demo budget must leave stitches to train"
+    assert all(s["macs"] <= float(budget) * 1e9 for s in selection["stitches"])
+    assert "GFLOPs" in first.stderr and "fvcore" in first.stderr
+    # the same inputs give the same selection, byte for byte
+    before = (run / "selection.json").read_bytes()
+    klas("search", str(cache), "--budget", budget, "--run", str(run))
+    assert (run / "selection.json").read_bytes() == before
+    cands = pq.read_table(run / "candidates.parquet").to_pylist()
+    assert sum(c["kind"] == "stitch" for c in cands) == 3 * 6 * 6  # 3 pairs x 6 src cuts x 6 dst cuts
+
+    klas("train", str(run), "--epochs", "1", "--steps-per-epoch", "30")
+    results = pq.read_table(run / "results.parquet").to_pylist()
+    anchors = {r["id"]: r for r in results if r["kind"] == "anchor"}
+    for name in VIT:  # anchors under the budget score what the zoo measured on the whole eval split
+        if name in anchors:
+            assert abs(anchors[name]["acc_after"] - zoo[name]["eval_acc"]) < 0.07  # 400 of the eval images: ~3 sigma
+    stitched = [r for r in results if r["kind"] == "stitch"]
+    assert len(stitched) == len(selection["stitches"])
+    assert max(r["acc_after"] for r in stitched) > 0.5  # trained stitches classify digits, not chance (0.1)
+
+    done = klas("export", "pareto", str(run), "--models")
+    front = json.loads((run / "export" / "front.json").read_text())
+    assert front and (run / "export" / "front.png").stat().st_size > 10_000
+    assert "front.png" in done.stdout
+    from klas.export import load_stitched
+
+    model_dir = next((run / "export" / "models").iterdir())
+    model = load_stitched(model_dir)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
