@@ -5,8 +5,8 @@
 For each demo family (``klas.zoo.FAMILIES``: the ViT trio and the ResNet pair, trained on the built-in
 ``digits`` set) separately:
 
-1. **Cache.** ``klas.cache.build_cache`` on digits with ``--limit`` images per split (probe-train /
-   score / eval, split seed 0: the zoo's split, so eval images were never trained on).
+1. **Cache.** ``klas.cache.build_cache`` on digits: the whole probe-train / score / eval splits
+   (``--quick``: 300 images of each), split seed 0, the zoo's split, so eval images were never trained on.
 2. **Search.** ``klas.search.search(strategy="klas")`` writes a real run directory; Γ of every
    candidate comes from it. The CKA distance ``1 - CKA`` is computed with ``klas.score.linear_cka_matrix``
    on the score split exactly as ``search(strategy="cka")`` does, and every strategy's selection is
@@ -105,8 +105,8 @@ Y_LABEL = "top-1 on eval split (%)"
 
 @dataclass(frozen=True)
 class Config:
-    limit: int = 1000  # images per split (probe-train, score, eval)
-    gt_steps: int = 16  # ground truth: steps per stitch; joint: K * gt_steps steps in all
+    limit: int | None = None  # images per split (probe-train, score, eval); None: the whole digits splits
+    gt_steps: int = 24  # ground truth: steps per stitch; joint: K * gt_steps steps in all
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -838,6 +838,16 @@ def run(cfg: Config, families: Sequence[str], work: Path, out_json: Path, out_pn
                         say=lambda m: console.print(m, markup=False, highlight=False))
         report["families"][fam] = fr
         console.print(family_table(fr))
+        for name, st in fr["strategies"].items():
+            if "how" in st and not name.startswith("random-"):
+                console.print(f"  {name}: {st['how']}", markup=False, highlight=False)
+        sp = fr["spearman"]
+        console.print("  Spearman over all {n} candidates: ρ(-Γ, GT) = {a:+.3f} (p = {pa:.2g}), ρ(CKA, GT) = {b:+.3f} "
+                      "(p = {pb:.2g}); in range: {c:+.3f} / {d:+.3f}".format(
+                          n=sp["neg_gamma_vs_gt"]["n"], a=sp["neg_gamma_vs_gt"]["rho"], pa=sp["neg_gamma_vs_gt"]["p"],
+                          b=sp["cka_similarity_vs_gt"]["rho"], pb=sp["cka_similarity_vs_gt"]["p"],
+                          c=sp["neg_gamma_vs_gt_in_range"]["rho"], d=sp["cka_similarity_vs_gt_in_range"]["rho"]),
+                      markup=False, highlight=False)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["wall_s"] = time.perf_counter() - started
     report["versions"] = package_versions()
@@ -854,8 +864,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="reduced version (< 5 min): fewer images, steps, buckets")
     ap.add_argument("--families", default="vit,cnn", help="comma-separated: vit, cnn")
     ap.add_argument("--random-init", action="store_true", help="untrained models (development only)")
-    ap.add_argument("--limit", type=int, help="images per split (default 1000; quick 300)")
-    ap.add_argument("--gt-steps", type=int, help="ground-truth steps per stitch (default 16; quick 4)")
+    ap.add_argument("--limit", type=int, help="images per split (default: all, 8626 / 2875 / 2875; quick 300)")
+    ap.add_argument("--gt-steps", type=int, help="ground-truth steps per stitch (default 24; quick 4)")
     ap.add_argument("--batch-size", type=int, help="training batch (default 32; quick 16)")
     ap.add_argument("--buckets", type=int, help="FLOPs buckets (default 20; quick 10)")
     ap.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs")
