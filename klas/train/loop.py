@@ -132,13 +132,14 @@ class TrainResult:
     complete: bool
     seconds: float
     history: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (data, models, ls_init, ...)
 
     def table(self, limit: int | None = None) -> Table:
         """A rich table: stitches and anchors, cheapest first, with accuracy before/after."""
         t = Table(title=f"{self.run_dir.name}: top-1 on the eval split ({FLOPS_CONVENTION})")
         for col, just in (("id", "left"), ("kind", "left"), ("GFLOPs", "right"), ("acc before %", "right"),
                           ("acc after %", "right"), ("Δ", "right"), ("latency ms", "right")):
-            t.add_column(col, justify=just)
+            t.add_column(col, justify=just, overflow="fold", min_width=24 if col == "id" else None)
         rows = sorted(self.rows, key=lambda r: (r["macs"], r["id"]))
         for r in rows[:limit]:
             lat = "" if r.get("latency_ms") is None or math.isnan(r["latency_ms"]) else f"{r['latency_ms']:.2f}"
@@ -367,8 +368,18 @@ def train_run(
     amp_dtype = _amp_dtype(amp, dev)
     say = console.print if rank == 0 else (lambda *a, **k: None)
 
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - mark
+        mark = now
+
     train_data = SplitData(cache, TRAIN_SPLIT, root=root, preload_limit_gb=preload_limit_gb, workers=workers)
     eval_data = SplitData(cache, EVAL_SPLIT, root=root, preload_limit_gb=preload_limit_gb, workers=workers)
+    lap("data")
     global_batch = batch_size * world
     steps = steps_per_epoch or math.ceil(train_data.n / global_batch)
     config: dict[str, Any] = {
@@ -402,6 +413,7 @@ def train_run(
     eval_ids = stitch_ids + anchor_ids
     data_config = cache.manifest["data"]["preprocess"]
 
+    lap("models")
     want_logits, want_feats = needs_teacher(weights)
     dst_names = sorted({s.dst for s in specs})
     teacher = _teacher_targets(net, train_data, dst_names if (want_logits or want_feats) else [], want_logits,
@@ -418,6 +430,7 @@ def train_run(
     warmup_steps = max(1, round(warmup * total_steps)) if warmup > 0 else 0
     buckets = _buckets_of(specs, int(selection.get("buckets") or 20))
 
+    lap("teacher_targets")
     fit_r2: dict[str, float] = {}
     if ckpt is None:
         if init == "ls":
@@ -426,6 +439,7 @@ def train_run(
             say(f"least-squares init of {len(specs)} {layer} stitches on {len(pos)} probe-train images ...")
             reports = least_squares_init(net, (x for x, _, _ in train_data.batches(pos, eval_batch_size, dev)), ridge=ridge)
             fit_r2 = {k: v.r2 for k, v in reports.items()}
+            lap("ls_init")
         if world > 1:
             _broadcast_module(net.stitch_layers)
         for stale in (run_dir / RESULTS, run_dir / MANIFEST):
@@ -433,6 +447,7 @@ def train_run(
                 stale.unlink()
         before = _evaluate(net, eval_data, eval_ids, eval_batch_size, dev, amp_dtype, rank, world, console,
                            progress, "evaluating (before)")
+        lap("eval_before")
         epoch_done, history = 0, []
         state = _state(net, opt, scaler, config, sel_hash, 0, before, fit_r2, history, full_tune)
         if rank == 0:
@@ -452,6 +467,7 @@ def train_run(
         say(f"resuming {run_dir} at epoch {epoch_done}/{epochs}")
 
     # -- train ------------------------------------------------------------------------------------
+    lap("setup")
     ran = 0
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
@@ -523,8 +539,10 @@ def train_run(
         return TrainResult(run_dir, [], config, epoch_done, False, time.perf_counter() - t_start, history)
 
     # -- evaluate, time, write --------------------------------------------------------------------
+    lap("train")
     after = _evaluate(net, eval_data, eval_ids, eval_batch_size, dev, amp_dtype, rank, world, console, progress,
                       "evaluating (after)")
+    lap("eval_after")
     lat: dict[str, float] = {}
     lat_batch = min(latency_batch, eval_data.n) if latency else None
     lat_device = str(dev) if latency else None
@@ -535,6 +553,7 @@ def train_run(
             for i in eval_ids:
                 lat[i] = measure_latency(net.model(i), x, device=dev, amp_dtype=amp_dtype, repeats=latency_repeats)
                 bar.advance(task)
+    lap("latency")
     rows = []
     for s in specs:
         n_b = net.profiles[s.dst].num_blocks
@@ -563,12 +582,13 @@ def train_run(
             "config": config, "epochs_done": epoch_done, "checkpoint": str(ckpt_path.relative_to(run_dir)),
             "train_split": TRAIN_SPLIT, "train_images": train_data.n, "eval_split": EVAL_SPLIT, "eval_images": eval_data.n,
             "data_config": data_config, "history": history, "seconds": seconds,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "latency": {"batch": lat_batch, "device": lat_device, "repeats": latency_repeats,
                         "statistic": "median ms per forward pass of one batch"} if latency else None,
             "accuracy_unit": "fraction", "flops": FLOPS_CONVENTION, "versions": package_versions(),
         })
     dist_barrier()
-    return TrainResult(run_dir, rows, config, epoch_done, True, seconds, history)
+    return TrainResult(run_dir, rows, config, epoch_done, True, seconds, history, timings)
 
 
 def _evaluate(net, data, ids, batch_size, dev, amp_dtype, rank, world, console, progress, what) -> dict[str, float]:
