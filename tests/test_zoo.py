@@ -126,3 +126,16 @@ def test_pretrained_true_uses_zoo_weights(smoke_root, monkeypatch):
     from safetensors.torch import load_file
 
     assert torch.equal(model.state_dict()["fc.weight"], load_file(str(path))["fc.weight"])
+
+
+def test_stale_records_are_detected(smoke_root):
+    from klas.zoo import _is_current, _recipe_for
+    from klas.data.digits import DigitsConfig
+
+    rec = read_zoo(smoke_root)["klas_vit_ti"]
+    recipe = _recipe_for("klas_vit_ti", epochs=3, max_steps=2, limit=64)
+    fp = DigitsConfig().fingerprint()
+    assert _is_current("klas_vit_ti", rec, recipe, fp, smoke_root)
+    assert not _is_current("klas_vit_ti", {**rec, "arch_args": {**rec["arch_args"], "embed_dim": 1}}, recipe, fp, smoke_root)
+    assert not _is_current("klas_vit_ti", rec, _recipe_for("klas_vit_ti"), fp, smoke_root)  # default recipe
+    assert not _is_current("klas_vit_ti", rec, recipe, "0" * 64, smoke_root)  # other data

@@ -40,15 +40,16 @@ class DigitsConfig:
     variants: int = 8  # seeded copies per original scan: 1797 * 8 = 14376 images
     size: int = 32  # output side in pixels
     seed: int = 0  # generator seed (splits have their own seed)
-    rotation: float = 20.0  # max |rotation| in degrees
+    rotation: float = 15.0  # max |rotation| in degrees
     scale: tuple[float, float] = (0.75, 1.05)  # digit size relative to the frame
-    shear: float = 0.25  # max |shear| (x shift per unit y)
-    translate: float = 0.15  # max |shift| as a fraction of the frame
-    contrast: tuple[float, float] = (0.25, 1.0)  # |foreground - background| range
-    invert_p: float = 0.5  # probability of a dark digit on a light background
-    noise: tuple[float, float] = (0.05, 0.25)  # std of additive gaussian noise (image range 0..1)
-    occlusion_p: float = 0.6  # probability of an occluding rectangle
-    occlusion_size: tuple[float, float] = (0.2, 0.45)  # its side range as a fraction of the frame
+    shear: float = 0.2  # max |shear| (x shift per unit y)
+    translate: float = 0.1  # max |shift| as a fraction of the frame
+    contrast: tuple[float, float] = (0.5, 1.0)  # |foreground - background| grey-level range
+    colour_jitter: float = 0.1  # max per-channel shift of the background and foreground colours
+    invert_p: float = 0.0  # probability of a dark digit on a light background (0: always light on dark)
+    noise: tuple[float, float] = (0.0, 0.08)  # std range of additive gaussian pixel noise (image range 0..1)
+    occlusion_p: float = 0.4  # probability of an occluding rectangle of a random colour
+    occlusion_size: tuple[float, float] = (0.2, 0.4)  # its side range as a fraction of the frame
 
     def fingerprint(self) -> str:
         blob = json.dumps(
@@ -104,14 +105,15 @@ def _rect_masks(rng: np.random.Generator, n: int, cfg: DigitsConfig) -> np.ndarr
 
 
 def _colours(rng: np.random.Generator, n: int, cfg: DigitsConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Background and foreground RGB (n, 3) with |fg - bg| = contrast (per image), either polarity."""
+    """Background and foreground RGB (n, 3): a grey pair ``contrast`` apart at a random brightness, each
+    channel shifted by up to ``colour_jitter``, swapped (dark digit on light) with probability ``invert_p``."""
     contrast = rng.uniform(*cfg.contrast, n)[:, None]
-    tint = rng.uniform(0.6, 1.0, (n, 3))  # per-channel share of the contrast: coloured, not just grey
-    sign = np.where(rng.random(n) < cfg.invert_p, -1.0, 1.0)[:, None]  # dark-on-light or light-on-dark
-    delta = sign * contrast * tint
-    lo, hi = np.maximum(0.0, -delta), np.minimum(1.0, 1.0 - delta)
-    bg = lo + rng.random((n, 3)) * (hi - lo)
-    return bg, bg + delta
+    level = rng.random((n, 1)) * (1.0 - contrast)  # background grey so that level + contrast <= 1
+    bg = level + rng.uniform(-cfg.colour_jitter, cfg.colour_jitter, (n, 3))
+    fg = level + contrast + rng.uniform(-cfg.colour_jitter, cfg.colour_jitter, (n, 3))
+    invert = (rng.random(n) < cfg.invert_p)[:, None]
+    bg, fg = np.where(invert, fg, bg), np.where(invert, bg, fg)
+    return np.clip(bg, 0.0, 1.0), np.clip(fg, 0.0, 1.0)
 
 
 def generate_digits(cfg: DigitsConfig = DigitsConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

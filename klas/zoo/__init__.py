@@ -13,8 +13,8 @@ from typing import Any, Iterable
 from rich.console import Console
 
 from klas.errors import KlasError
-from klas.utils import DEFAULT_ROOT, read_json, sha256_file, write_json_atomic
-from klas.zoo import models as _models  # noqa: F401  registers the architectures with timm
+from klas.utils import DEFAULT_ROOT, read_json, sha256_file
+from klas.zoo.models import arch_args  # importing klas.zoo.models registers the architectures with timm
 from klas.zoo.train import Recipe
 
 #: The demo families, smallest first.
@@ -27,11 +27,11 @@ ZOO_ARCHS: tuple[str, ...] = tuple(a for members in FAMILIES.values() for a in m
 #: Training recipe per model (see :class:`klas.zoo.train.Recipe`); epochs sized so the whole zoo
 #: trains in about three minutes on a 2-core CPU.
 RECIPES: dict[str, Recipe] = {
-    "klas_vit_ti": Recipe(epochs=5),
-    "klas_vit_s": Recipe(epochs=5),
-    "klas_vit_b": Recipe(epochs=5),
-    "klas_resnet_s": Recipe(epochs=5),
-    "klas_resnet_l": Recipe(epochs=5),
+    "klas_vit_ti": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_vit_s": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_vit_b": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_resnet_s": Recipe(epochs=3, batch_size=128, lr=1.5e-3),
+    "klas_resnet_l": Recipe(epochs=3, batch_size=128, lr=1.5e-3),
 }
 
 #: Seed of the digits split the zoo trains on (probe-train) and reports on (eval).
@@ -57,7 +57,7 @@ def read_zoo(root: Path = DEFAULT_ROOT) -> dict[str, dict[str, Any]]:
     (per 3x32x32 image, fvcore convention: one multiply-add = one FLOP), ``epochs``, ``steps``,
     ``seconds`` (training + evaluation wall time), ``seed``, ``sha256`` of the weights file,
     ``weights`` (file name in :func:`zoo_dir`), ``data`` / ``data_fingerprint`` / ``split_seed``,
-    split sizes, the full ``recipe`` and the torch / timm versions.
+    split sizes, ``arch_args`` (constructor arguments), the full ``recipe`` and the torch / timm versions.
     """
     path = zoo_dir(root) / _INDEX
     if not path.exists():
@@ -73,9 +73,14 @@ def _recipe_for(arch: str, **overrides: int | None) -> Recipe:
     return dataclasses.replace(RECIPES[arch], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _is_current(record: dict[str, Any] | None, recipe: Recipe, fingerprint: str, root: Path) -> bool:
-    """A record counts only if it matches the recipe and data and its weights file is intact."""
-    if not record or record.get("recipe") != recipe.to_json() or record.get("data_fingerprint") != fingerprint:
+def _is_current(arch: str, record: dict[str, Any] | None, recipe: Recipe, fingerprint: str, root: Path) -> bool:
+    """A record counts only if it matches the architecture, recipe and data and its weights file is intact."""
+    if (
+        not record
+        or record.get("arch_args") != arch_args(arch)
+        or record.get("recipe") != recipe.to_json()
+        or record.get("data_fingerprint") != fingerprint
+    ):
         return False
     path = zoo_dir(root) / record.get("weights", "")
     return path.is_file() and sha256_file(path) == record.get("sha256")
@@ -110,7 +115,7 @@ def train_zoo(
     """Train the zoo models that are missing or stale (all of ``ZOO_ARCHS`` by default); return the index.
 
     A model is retrained when ``force`` is set, its weights are missing or do not match their recorded
-    sha256, or its recorded recipe / data fingerprint differ from the current ones. ``epochs``,
+    sha256, or its recorded architecture / recipe / data fingerprint differ from the current ones. ``epochs``,
     ``max_steps`` and ``limit`` (images kept per split) override the recipe for quick smoke runs; the
     record keeps the recipe it was trained with, so a later default call retrains those models properly.
     """
@@ -122,7 +127,7 @@ def train_zoo(
     fingerprint = _digits_fingerprint()
     for arch in _check_names(names):
         recipe = _recipe_for(arch, epochs=epochs, max_steps=max_steps, limit=limit)
-        if force or not _is_current(index.get(arch), recipe, fingerprint, root):
+        if force or not _is_current(arch, index.get(arch), recipe, fingerprint, root):
             todo.append((arch, recipe))
     if todo:
         train_and_record(todo, root=root, console=console or Console(stderr=True))

@@ -3,9 +3,10 @@
 Two families, sized for 32x32 inputs and CPU training:
 
 * ViT (DeiT-Ti/S/B analogue): ``klas_vit_ti`` / ``_s`` / ``_b``, timm ``VisionTransformer`` with a cls token,
-  equal depth, widths 1:2:4 with heads scaling alongside (fixed head dim), patch 4 -> 8x8 tokens.
-* CNN (ResNet-18/50 analogue): ``klas_resnet_s`` (BasicBlock) and ``klas_resnet_l`` (Bottleneck), timm
-  ``ResNet`` with narrower channels.
+  6 blocks each, widths 32 / 64 / 128 with 2 / 4 / 8 heads (head dim 16, like DeiT's fixed 64), 8x8
+  patches -> 4x4 tokens.
+* CNN (ResNet-18/50 analogue): ``klas_resnet_s`` (BasicBlock, 2-2-2-2, widths 8-64) and ``klas_resnet_l``
+  (Bottleneck, 3-4-6-3, widths 16-128, outputs 64-512), timm ``ResNet``.
 
 The pretrained cfgs carry no url / hf_hub: the weights come from :func:`klas.zoo.zoo_weights`. With
 ``pretrained=True`` and no explicit file, the entrypoint points timm at those (training on first use).
@@ -20,17 +21,27 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 #: Architecture kwargs per demo model (what differs between family members).
 VIT_ARGS: dict[str, dict[str, Any]] = {
-    "klas_vit_ti": dict(embed_dim=48, num_heads=3),
-    "klas_vit_s": dict(embed_dim=96, num_heads=6),
-    "klas_vit_b": dict(embed_dim=192, num_heads=12),
+    "klas_vit_ti": dict(embed_dim=32, num_heads=2),
+    "klas_vit_s": dict(embed_dim=64, num_heads=4),
+    "klas_vit_b": dict(embed_dim=128, num_heads=8),
 }
-#: Shared by the ViTs: 32x32 input, 4x4 patches (64 tokens + cls), 6 blocks, head dim 16.
-VIT_COMMON: dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, mlp_ratio=4.0, class_token=True, global_pool="token")
+#: Shared by the ViTs: 32x32 input, 8x8 patches (4x4 tokens + cls), 6 blocks, head dim 16, MLP ratio 4.
+VIT_COMMON: dict[str, Any] = dict(img_size=32, patch_size=8, depth=6, mlp_ratio=4.0, class_token=True, global_pool="token")
 
+#: ResNet-18 analogue at 1/8 of its width, ResNet-50 analogue at 1/4 (Bottleneck: outputs 4x wider).
 RESNET_ARGS: dict[str, dict[str, Any]] = {
-    "klas_resnet_s": dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 128), stem_width=16),
-    "klas_resnet_l": dict(block=Bottleneck, layers=(3, 4, 6, 3), channels=(32, 64, 128, 256), stem_width=32),
+    "klas_resnet_s": dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(8, 16, 32, 64), stem_width=8),
+    "klas_resnet_l": dict(block=Bottleneck, layers=(3, 4, 6, 3), channels=(16, 32, 64, 128), stem_width=16),
 }
+
+
+def arch_args(arch: str) -> dict[str, Any]:
+    """JSON-able constructor arguments of a demo model (recorded with its weights; a change retrains)."""
+    if arch in VIT_ARGS:
+        return {"class": "VisionTransformer", **VIT_COMMON, **VIT_ARGS[arch]}
+    args = dict(RESNET_ARGS[arch])
+    return {"class": "ResNet", **args, "block": args["block"].__name__, "layers": list(args["layers"]),
+            "channels": list(args["channels"])}
 
 
 def _cfg(classifier: str, first_conv: str) -> dict[str, Any]:
@@ -85,29 +96,29 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Res
 
 @register_model
 def klas_vit_ti(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """DeiT-Ti analogue for 32x32: width 48, 3 heads, 6 blocks."""
+    """DeiT-Ti analogue for 32x32: width 32, 2 heads, 6 blocks."""
     return _create_vit("klas_vit_ti", pretrained, **kwargs)
 
 
 @register_model
 def klas_vit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """DeiT-S analogue for 32x32: width 96, 6 heads, 6 blocks."""
+    """DeiT-S analogue for 32x32: width 64, 4 heads, 6 blocks."""
     return _create_vit("klas_vit_s", pretrained, **kwargs)
 
 
 @register_model
 def klas_vit_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """DeiT-B analogue for 32x32: width 192, 12 heads, 6 blocks."""
+    """DeiT-B analogue for 32x32: width 128, 8 heads, 6 blocks."""
     return _create_vit("klas_vit_b", pretrained, **kwargs)
 
 
 @register_model
 def klas_resnet_s(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet-18 analogue: BasicBlock (2, 2, 2, 2), channels 16-128."""
+    """ResNet-18 analogue: BasicBlock (2, 2, 2, 2), channels 8-64."""
     return _create_resnet("klas_resnet_s", pretrained, **kwargs)
 
 
 @register_model
 def klas_resnet_l(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet-50 analogue: Bottleneck (3, 4, 6, 3), channels 32-256 (x4 expansion)."""
+    """ResNet-50 analogue: Bottleneck (3, 4, 6, 3), channels 16-128 (x4 expansion: outputs 64-512)."""
     return _create_resnet("klas_resnet_l", pretrained, **kwargs)

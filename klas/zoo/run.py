@@ -16,6 +16,7 @@ from torch import Tensor
 from klas.data import load_split_tensors, make_splits, open_source
 from klas.data.transforms import build_transform
 from klas.utils import sha256_file, write_json_atomic
+from klas.zoo.models import arch_args
 from klas.zoo.train import Recipe, TrainResult, train_model
 
 
@@ -78,6 +79,7 @@ def _record(arch: str, recipe: Recipe, result: TrainResult, sha: str, weights: s
         "split_seed": SPLIT_SEED,
         "train_images": sizes["probe-train"],
         "eval_images": sizes["eval"],
+        "arch_args": arch_args(arch),
         "recipe": recipe.to_json(),
         "torch": torch.__version__,
         "timm": timm.__version__,
