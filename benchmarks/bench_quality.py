@@ -54,6 +54,10 @@ one multiply-add = one FLOP):
   f >= y_ref on the range and HV lies in [0, 1]; "anchors only" is the floor every strategy starts
   from. 95 % intervals: percentile bootstrap over eval images (the same resamples for all networks).
 * **Best accuracy at budgets** ``x_lo + q (x_hi - x_lo)``, q = 0.25, 0.5, 0.75: f at that cost.
+* Secondary, because anchors can dominate every stitch of a family and then flatten HV for all:
+  **HV stitches** = the same integral for the K selected stitches alone, y_ref = 0 (so it is the
+  mean over the range of the best selected stitch, 0 where none is that cheap), and the best
+  selected stitch at each budget.
 * **Spearman** ρ (``scipy.stats.spearmanr``) over all candidate stitches between the ground-truth
   accuracy and ``-Γ`` (klas), resp. ``-(1 - CKA)`` = CKA similarity: positive = the score ranks
   stitches like their real accuracy.
@@ -265,15 +269,22 @@ def equalise_snnet(cands: Sequence[Candidate], level: np.ndarray, k: int) -> tup
                   + ("" if got == k else f" (only {got} exist)"))
 
 
-def strategy_metrics(points: list[dict], x_lo: float, x_hi: float, y_ref: float, budgets: Sequence[float]) -> dict:
-    """Front, HV and best-at-budget of one set of evaluated networks (rows with gflops, acc)."""
+def strategy_metrics(points: list[dict], x_lo: float, x_hi: float, y_ref: float, budgets: Sequence[float],
+                     stitches: list[dict] | None = None) -> dict:
+    """Front, HV and best-at-budget of one set of evaluated networks (rows with gflops, acc); with
+    ``stitches``, also the secondary stitches-only HV (reference accuracy 0) and best stitch at each budget."""
     front = pareto_front(points, cost="gflops", acc="acc")
     xy = [(p["gflops"], p["acc"]) for p in points]
-    return {
+    out = {
         "front": [{"id": p["id"], "gflops": p["gflops"], "acc": p["acc"]} for p in front],
         "hypervolume": hypervolume(xy, x_lo, x_hi, y_ref),
         "best_at_budget": [step_value(xy, b, float("nan")) for b in budgets],
     }
+    if stitches is not None:
+        sxy = [(p["gflops"], p["acc"]) for p in stitches]
+        out["hypervolume_stitches"] = hypervolume(sxy, x_lo, x_hi, 0.0)
+        out["best_stitch_at_budget"] = [step_value(sxy, b, float("nan")) for b in budgets]
+    return out
 
 
 # -- data, models, training ----------------------------------------------------------------------------
@@ -604,11 +615,11 @@ def summarise(family, models, cfg: Config, stitches, anchor_list, gamma, cka_dis
         res = {"y_ref": y_ref, "anchors": anchors_pts, "gt_acc": gt_acc, "strategies": {}}
         res["anchors_only"] = strategy_metrics(anchors_pts, x_lo, x_hi, y_ref, budgets)
         gt_pts = [{"id": c.id, "gflops": gflops[c.id], "acc": float(a)} for c, a in zip(stitches, gt_acc)]
-        res["ground_truth"] = strategy_metrics(gt_pts + anchors_pts, x_lo, x_hi, y_ref, budgets)
+        res["ground_truth"] = strategy_metrics(gt_pts + anchors_pts, x_lo, x_hi, y_ref, budgets, gt_pts)
         for name, mask in masks.items():
             ids = [stitches[j].id for j in np.flatnonzero(mask)]
             pts = _points(ids, bits[name], gflops, idx)
-            m = strategy_metrics(pts + anchors_pts, x_lo, x_hi, y_ref, budgets)
+            m = strategy_metrics(pts + anchors_pts, x_lo, x_hi, y_ref, budgets, pts)
             m["stitches"] = pts
             m["recovery"] = recovery(gt_acc, bucket, mask)
             res["strategies"][name] = m
@@ -618,19 +629,24 @@ def summarise(family, models, cfg: Config, stitches, anchor_list, gamma, cka_dis
     # bootstrap over eval images: the same resamples for every network
     rng = np.random.default_rng(cfg.seed)
     boot_hv: dict[str, list[float]] = {}
+    boot_hvs: dict[str, list[float]] = {}
     boot_rec: dict[str, list[float]] = {}
     for _ in range(cfg.bootstrap):
         idx = rng.integers(0, n_eval, n_eval)
         r = evaluate_all(idx)
         for name, m in r["strategies"].items():
             boot_hv.setdefault(name, []).append(m["hypervolume"])
+            boot_hvs.setdefault(name, []).append(m["hypervolume_stitches"])
             boot_rec.setdefault(name, []).append(m["recovery"]["rate"])
         boot_hv.setdefault("anchors_only", []).append(r["anchors_only"]["hypervolume"])
         boot_hv.setdefault("ground_truth", []).append(r["ground_truth"]["hypervolume"])
+        boot_hvs.setdefault("ground_truth", []).append(r["ground_truth"]["hypervolume_stitches"])
         for name in masks:
             if name != "klas":
                 boot_hv.setdefault(f"klas-minus-{name}", []).append(
                     r["strategies"]["klas"]["hypervolume"] - r["strategies"][name]["hypervolume"])
+                boot_hvs.setdefault(f"klas-minus-{name}", []).append(
+                    r["strategies"]["klas"]["hypervolume_stitches"] - r["strategies"][name]["hypervolume_stitches"])
 
     def ci(v):
         return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None
@@ -645,18 +661,24 @@ def summarise(family, models, cfg: Config, stitches, anchor_list, gamma, cka_dis
             "front": m["front"],
             "hypervolume": m["hypervolume"], "hypervolume_ci95": ci(boot_hv[name]),
             "best_at_budget": m["best_at_budget"],
+            "hypervolume_stitches": m["hypervolume_stitches"], "hypervolume_stitches_ci95": ci(boot_hvs[name]),
+            "best_stitch_at_budget": m["best_stitch_at_budget"],
             "recovery": {k: v for k, v in m["recovery"].items()}, "recovery_ci95": ci(boot_rec[name]),
             "joint_steps": steps, "joint_mean_loss": joint_loss[name],
             "paper_recovery": PAPER_RECOVERY.get(name.split("-")[0]),
         }
         if name != "klas":
             strategies[name]["klas_minus_this_hypervolume_ci95"] = ci(boot_hv[f"klas-minus-{name}"])
+            strategies[name]["klas_minus_this_hypervolume_stitches_ci95"] = ci(boot_hvs[f"klas-minus-{name}"])
     rand = [n for n in strategies if n.startswith("random-")]
     if rand:
         strategies["random (mean)"] = {
             "count": strategies[rand[0]]["count"],
             "hypervolume": float(np.mean([strategies[n]["hypervolume"] for n in rand])),
             "best_at_budget": [float(np.mean([strategies[n]["best_at_budget"][q] for n in rand])) for q in range(len(budgets))],
+            "hypervolume_stitches": float(np.mean([strategies[n]["hypervolume_stitches"] for n in rand])),
+            "best_stitch_at_budget": [float(np.mean([strategies[n]["best_stitch_at_budget"][q] for n in rand]))
+                                      for q in range(len(budgets))],
             "recovery": {"rate": float(np.mean([strategies[n]["recovery"]["rate"] for n in rand]))},
             "of": rand,
         }
@@ -682,6 +704,9 @@ def summarise(family, models, cfg: Config, stitches, anchor_list, gamma, cka_dis
         "ground_truth_hypervolume": full["ground_truth"]["hypervolume"],
         "ground_truth_hypervolume_ci95": ci(boot_hv["ground_truth"]),
         "ground_truth_best_at_budget": full["ground_truth"]["best_at_budget"],
+        "ground_truth_hypervolume_stitches": full["ground_truth"]["hypervolume_stitches"],
+        "ground_truth_hypervolume_stitches_ci95": ci(boot_hvs["ground_truth"]),
+        "ground_truth_best_stitch_at_budget": full["ground_truth"]["best_stitch_at_budget"],
         "anchors_only_hypervolume": full["anchors_only"]["hypervolume"],
         "anchors_only_hypervolume_ci95": ci(boot_hv["anchors_only"]),
         "anchors_only_best_at_budget": full["anchors_only"]["best_at_budget"],
@@ -702,14 +727,23 @@ def _pct(v, digits: int = 1) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.{digits}f}"
 
 
+def _hv(v, c) -> str:
+    return f"{v:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+
+
+def _three(vals) -> str:
+    return " / ".join(_pct(v) for v in vals)
+
+
 def family_table(fam: dict) -> Table:
-    b = ", ".join(f"{x:.3f}" for x in fam["budgets_gflops"])
+    b = ", ".join(f"{x:.4f}" for x in fam["budgets_gflops"])
     t = Table(title=(f"{fam['family']}: {fam['num_candidates']} candidates, K = {fam['K']} per strategy, "
                      f"{fam['nonempty_buckets']} non-empty buckets, {fam['eval_images']} eval images\n"
-                     f"HV over [{fam['range_gflops'][0]:.3f}, {fam['range_gflops'][1]:.3f}] GFLOPs above "
-                     f"{_pct(fam['y_ref'])} % ({fam['y_ref_from']}); budgets {b} GFLOPs"))
-    for col in ("strategy", "K (own rule)", "HV", "HV 95% CI", "best@b1 %", "best@b2 %", "best@b3 %",
-                "recovery", "recovery (paper)", "ρ(score, GT)"):
+                     f"HV over [{fam['range_gflops'][0]:.4f}, {fam['range_gflops'][1]:.4f}] GFLOPs above "
+                     f"{_pct(fam['y_ref'])} % ({fam['y_ref_from']}), anchors on every front; HV stitches: the K "
+                     f"stitches alone, above 0 %; budgets b1-b3 = {b} GFLOPs"))
+    for col in ("strategy", "K (own rule)", "HV [95% CI]", "best @ b1/b2/b3 %", "HV stitches [95% CI]",
+                "best stitch @ b1/b2/b3 %", "recovery", "recovery (paper)", "ρ(score, GT)"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     sp = fam["spearman"]
     rho = {"klas": sp["neg_gamma_vs_gt"]["rho"], "cka": sp["cka_similarity_vs_gt"]["rho"]}
@@ -717,24 +751,25 @@ def family_table(fam: dict) -> Table:
         rec = s["recovery"]
         rec_txt = (f"{_pct(rec['rate'])} % ({rec['recovered']}/{rec['buckets']})" if "recovered" in rec
                    else f"{_pct(rec['rate'])} %")
-        hv_ci = s.get("hypervolume_ci95")
         paper = s.get("paper_recovery")
-        t.add_row(name, f"{s['count']} ({s.get('count_own_rule', s['count'])})", f"{s['hypervolume']:.3f}",
-                  f"[{hv_ci[0]:.3f}, {hv_ci[1]:.3f}]" if hv_ci else "",
-                  *[_pct(v) for v in s["best_at_budget"]], rec_txt,
-                  f"{_pct(paper)} %" if paper is not None else "-",
+        t.add_row(name, f"{s['count']} ({s.get('count_own_rule', s['count'])})",
+                  _hv(s["hypervolume"], s.get("hypervolume_ci95")), _three(s["best_at_budget"]),
+                  _hv(s["hypervolume_stitches"], s.get("hypervolume_stitches_ci95")), _three(s["best_stitch_at_budget"]),
+                  rec_txt, f"{_pct(paper)} %" if paper is not None else "-",
                   f"{rho[name]:+.3f}" if name in rho and math.isfinite(rho[name]) else "-")
-    ci_a, ci_g = fam["anchors_only_hypervolume_ci95"], fam["ground_truth_hypervolume_ci95"]
-    t.add_row("anchors only", "0", f"{fam['anchors_only_hypervolume']:.3f}", f"[{ci_a[0]:.3f}, {ci_a[1]:.3f}]",
-              *[_pct(v) for v in fam["anchors_only_best_at_budget"]], "", "", "", style="dim")
-    t.add_row("ground truth (all, per-stitch FT)", str(fam["num_candidates"]), f"{fam['ground_truth_hypervolume']:.3f}",
-              f"[{ci_g[0]:.3f}, {ci_g[1]:.3f}]", *[_pct(v) for v in fam["ground_truth_best_at_budget"]],
-              "100.0 %", "", "", style="dim")
+    t.add_row("anchors only", "0", _hv(fam["anchors_only_hypervolume"], fam["anchors_only_hypervolume_ci95"]),
+              _three(fam["anchors_only_best_at_budget"]), "", "", "", "", "", style="dim")
+    t.add_row("ground truth (every stitch, own FT)", str(fam["num_candidates"]),
+              _hv(fam["ground_truth_hypervolume"], fam["ground_truth_hypervolume_ci95"]),
+              _three(fam["ground_truth_best_at_budget"]),
+              _hv(fam["ground_truth_hypervolume_stitches"], fam["ground_truth_hypervolume_stitches_ci95"]),
+              _three(fam["ground_truth_best_stitch_at_budget"]), "100.0 %", "", "", style="dim")
     return t
 
 
 COLOURS = {"klas": "#c44e52", "snnet": "#4c72b0", "cka": "#55a868", "random": "#8172b2"}
 MARKERS = {"klas": "o", "snnet": "s", "cka": "^", "random": "d"}
+WIDTHS = {"klas": 3.2, "cka": 2.3, "snnet": 1.4}  # identical fronts stay visible as stacked colours
 
 
 def plot(report: dict, path: Path) -> None:
@@ -744,46 +779,66 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fams = list(report["families"].values())
-    fig, axes = plt.subplots(1, len(fams), figsize=(7.2 * len(fams), 5.6), dpi=150, squeeze=False)
+    fig, axes = plt.subplots(1, len(fams), figsize=(7.4 * len(fams), 6.0), dpi=150, squeeze=False)
     for ax, fam in zip(axes[0], fams):
         gt = fam["ground_truth"]
-        ax.scatter([g["gflops"] for g in gt], [100 * g["acc"] for g in gt], s=16, color="#c8c8c8", zorder=1,
-                   label=f"ground truth: every stitch ({len(gt)}), per-stitch FT")
-        for name, s in fam["strategies"].items():
-            if "front" not in s:
-                continue
+        strategies = {n: s for n, s in fam["strategies"].items() if "front" in s}
+        shown = [100 * p["acc"] for s in strategies.values() for p in s["front"]] + [100 * fam["y_ref"]]
+        shown += [100 * a for s in strategies.values() for a in s["accuracy"].values()]
+        shown += [100 * a["acc"] for a in fam["anchors"]] + [100 * p["acc"] for p in fam["ground_truth_front"]]
+        y_lo = max(0.0, min(shown) - 3)
+        y_hi = min(100.0, max(shown + [100 * g["acc"] for g in gt]) + 1.5)
+        below = sum(100 * g["acc"] < y_lo for g in gt)
+        ax.scatter([g["gflops"] for g in gt], [max(100 * g["acc"], y_lo + 0.3) for g in gt], s=16, color="#c8c8c8",
+                   zorder=1, label=f"ground truth: every stitch ({len(gt)}), own fine-tune"
+                   + (f"; {below} below the axis, drawn at its foot" if below else ""))
+        anchors_xy = sorted((a["gflops"], 100 * a["acc"]) for a in fam["anchors"])
+        stair = pareto_front([{"id": i, "gflops": x, "acc": y} for i, (x, y) in enumerate(anchors_xy)], acc="acc")
+        ax.step([p["gflops"] for p in stair] + [fam["range_gflops"][1]], [p["acc"] for p in stair] + [stair[-1]["acc"]],
+                where="post", color="black", linewidth=1.0, zorder=2, label="anchors only")
+        for name, s in strategies.items():
             base = name.split("-")[0]
-            xs = [p["gflops"] for p in s["front"]]
-            ys = [100 * p["acc"] for p in s["front"]]
             rnd = base == "random"
-            xs_ext = xs + [fam["range_gflops"][1]]
-            ys_ext = ys + [ys[-1]]
-            ax.step(xs_ext, ys_ext, where="post", color=COLOURS[base], linewidth=1.0 if rnd else 1.8,
-                    linestyle="--" if rnd else "-", alpha=0.7 if rnd else 0.95, zorder=3 if rnd else 4,
-                    label=f"{name}: HV {s['hypervolume']:.3f}")
+            pts = [{"id": i, "gflops": next(g["gflops"] for g in gt if g["id"] == i), "acc": a}
+                   for i, a in s["accuracy"].items()]
+            front = pareto_front(pts, acc="acc")
+            xs = [p["gflops"] for p in front]
+            ys = [100 * p["acc"] for p in front]
+            ax.step(xs + [fam["range_gflops"][1]], ys + [ys[-1]], where="post", color=COLOURS[base],
+                    linewidth=1.0 if rnd else WIDTHS[base], linestyle="--" if rnd else "-", alpha=0.7 if rnd else 0.95,
+                    zorder=3 if rnd else 4,
+                    label=f"{name}: HV {s['hypervolume']:.3f} (with anchors), {s['hypervolume_stitches']:.3f} (stitches)")
             ax.scatter(xs, ys, s=18 if rnd else 30, marker=MARKERS[base], color=COLOURS[base],
                        alpha=0.7 if rnd else 0.95, zorder=3 if rnd else 4)
+            if not rnd:  # where the strategy's other stitches landed
+                on = {p["id"] for p in front}
+                rest = [p for p in pts if p["id"] not in on]
+                if rest:
+                    ax.scatter([p["gflops"] for p in rest], [max(100 * p["acc"], y_lo + 0.3) for p in rest], s=22,
+                               marker=MARKERS[base], facecolors="none", edgecolors=COLOURS[base], linewidths=0.9,
+                               alpha=0.8, zorder=2)
         top = max(a["gflops"] for a in fam["anchors"])
         for a in fam["anchors"]:
-            ax.scatter([a["gflops"]], [100 * a["acc"]], s=110, marker="*", color="#dd8452", edgecolors="black",
+            ax.scatter([a["gflops"]], [100 * a["acc"]], s=120, marker="*", color="#dd8452", edgecolors="black",
                        linewidths=0.6, zorder=6)
             last = a["gflops"] == top
-            ax.annotate(a["id"], (a["gflops"], 100 * a["acc"]), xytext=(-6 if last else 6, -13), textcoords="offset points",
-                        fontsize=8, fontweight="bold", zorder=7, ha="right" if last else "left")
-        for b in fam["budgets_gflops"]:
-            ax.axvline(b, color="0.6", linestyle=":", linewidth=0.8, zorder=0)
-        ax.axhline(100 * fam["y_ref"], color="0.6", linestyle="-.", linewidth=0.8, zorder=0)
-        lo = min(100 * fam["y_ref"], *(100 * p["acc"] for s in fam["strategies"].values() for p in s.get("front", [])))
-        accs = [100 * g["acc"] for g in gt]
-        ax.set_ylim(max(min(accs) - 2, lo - 15, 0), min(100, max(accs + [100 * a["acc"] for a in fam["anchors"]]) + 2))
+            ax.annotate(a["id"], (a["gflops"], 100 * a["acc"]), xytext=(-6 if last else 6, -13),
+                        textcoords="offset points", fontsize=8, fontweight="bold", zorder=7,
+                        ha="right" if last else "left")
+        for q, b in zip(BUDGET_QUANTILES, fam["budgets_gflops"]):
+            ax.axvline(b, color="0.55", linestyle=":", linewidth=0.9, zorder=0)
+        ax.axhline(100 * fam["y_ref"], color="0.55", linestyle="-.", linewidth=0.8, zorder=0)
+        ax.set_ylim(y_lo, y_hi)
         ax.set_xlabel(X_LABEL)
         ax.set_ylabel(Y_LABEL)
         ax.set_title(f"{fam['family']}: {', '.join(fam['models'])}\nK = {fam['K']} stitches per strategy, "
-                     f"{fam['eval_images']} eval images", fontsize=10)
+                     f"{fam['eval_images']} eval images; lines: stitch fronts, hollow: other selected stitches",
+                     fontsize=9.5)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
-    fig.suptitle("Pareto fronts after joint fine-tuning (equal K and steps) vs ground truth; "
-                 "dotted: the three budgets, dash-dot: HV reference", fontsize=10)
+        ax.legend(loc="lower right", fontsize=6.8, framealpha=0.92)
+    fig.suptitle("Selected stitches after joint fine-tuning (equal K and steps) over the ground truth; a strategy's "
+                 "full front = the upper envelope of its line and the anchors' staircase\n"
+                 "dotted: budgets b1-b3; dash-dot: HV reference accuracy (cheapest anchor)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -806,7 +861,7 @@ def run(cfg: Config, families: Sequence[str], work: Path, out_json: Path, out_pn
         console: Console | None = None) -> dict:
     from klas.zoo import FAMILIES
 
-    console = console or Console(stderr=True, width=max(150, Console(stderr=True).width))
+    console = console or Console(stderr=True, width=max(190, Console(stderr=True).width))
     started = time.perf_counter()
     info = machine_info()
     report = {
@@ -820,6 +875,11 @@ def run(cfg: Config, families: Sequence[str], work: Path, out_json: Path, out_pn
                             "eval accuracy; rectangle top = accuracy 1.0; in [0, 1]"),
             "hypervolume_ci95": f"percentile bootstrap over eval images ({cfg.bootstrap} resamples, shared by all networks)",
             "best_at_budget": f"f(x_lo + q (x_hi - x_lo)) for q in {list(BUDGET_QUANTILES)}",
+            "hypervolume_stitches": ("secondary: the same integral for the step function of the K selected stitches "
+                                     "alone (no anchors) with y_ref = 0: HV_s = integral over [x_lo, x_hi] of g(x) dx / "
+                                     "(x_hi - x_lo), g(x) = best accuracy among the selected stitches costing <= x, 0 "
+                                     "where none does; i.e. the mean over the range of the best stitch available"),
+            "best_stitch_at_budget": "g at the same three budgets (nan: no selected stitch that cheap)",
             "spearman": ("scipy.stats.spearmanr over all candidate stitches between the ground-truth accuracy and -Gamma "
                          "(neg_gamma) resp. CKA similarity = -(1 - CKA) (cka_similarity); *_in_range: only candidates "
                          "inside the search's FLOPs range"),
