@@ -284,7 +284,7 @@ def train_run(
     eval_batch_size: int = 256,
     latency: bool = True,
     latency_batch: int = 64,
-    latency_repeats: int = 10,
+    latency_repeats: int = 5,
     amp: str = "auto",
     device: str | None = None,
     seed: int = 0,
@@ -311,7 +311,7 @@ def train_run(
     * ``resume`` (False): continue ``checkpoints/last.pt`` (same selection and options required);
       ``overwrite`` (False): start over although a checkpoint exists; ``stop_after`` (None): return after
       this many epochs of this invocation, leaving a checkpoint to resume.
-    * ``eval_batch_size`` (256); ``latency`` (True), ``latency_batch`` (64), ``latency_repeats`` (10).
+    * ``eval_batch_size`` (256); ``latency`` (True), ``latency_batch`` (64), ``latency_repeats`` (5).
     * ``amp`` ("auto": bf16, else fp16, on CUDA; never on CPU), ``device`` (None = CUDA when present),
       ``seed`` (0), ``root`` (klas cache root, for demo weights and data), ``preload_limit_gb`` (2.0),
       ``workers`` (0, DataLoader workers when a split is streamed), ``console``, ``progress`` (True).
