@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The demo: train (or reuse) the digits model family, then the four klas stages on its ViTs.
-DEMO_BUDGET ?= 0.12
+DEMO_BUDGET ?= 0.012
 demo: $(STAMP)
 	$(KLAS) zoo
 	$(KLAS) cache --model klas_vit_ti --model klas_vit_s --model klas_vit_b --data digits --out cache/demo-vit

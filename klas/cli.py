@@ -228,7 +228,7 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(KlasError.exit_code)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to continue")
+        err.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to continue (klas train: add --resume)")
         sys.exit(130)
 
 
