@@ -77,13 +77,15 @@ SMOKE = ["klas_resnet_s", "klas_vit_ti"]
 
 def _smoke(root, names):
     """A few optimiser steps on 64 images per split: exercises the whole path in seconds."""
-    return train_zoo(root, names=names, epochs=3, max_steps=2, limit=64)
+    return train_zoo(root, names=names, epochs=3, max_steps=2, limit=64, threads=1)
 
 
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
+    threads = torch.get_num_threads()
     _smoke(root, SMOKE)
+    assert torch.get_num_threads() == threads  # restored after training
     return root
 
 
@@ -97,7 +99,7 @@ def test_train_zoo_smoke_records_and_reuses(smoke_root):
         assert 0.0 <= rec["eval_acc"] <= 1.0
         assert rec["steps"] == 2 and rec["epochs"] == 3 and rec["recipe"]["max_steps"] == 2
         assert rec["params"] > 0 and rec["macs"] > 0 and rec["seconds"] > 0
-        assert rec["data"] == "digits" and len(rec["data_fingerprint"]) == 64
+        assert rec["data"] == "digits" and len(rec["data_fingerprint"]) == 64 and rec["threads"] == 1
         assert rec["train_images"] == rec["eval_images"] == 64 and rec["recipe"]["limit"] == 64
         # the saved weights load through timm's own pretrained mechanism
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()

@@ -27,7 +27,7 @@ from PIL import Image
 from klas.utils import DEFAULT_ROOT
 
 #: Bump when the generator changes in a way that changes its output for the same config.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 #: Images processed per step; part of the generator (the noise stream is seeded per chunk), not a knob.
 _CHUNK = 2048

@@ -52,7 +52,8 @@ def _save_weights(state: dict[str, Tensor], path: Path) -> str:
     """Write safetensors atomically (tmp + os.replace); return the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": "klas zoo"})
+    # one metadata key only: safetensors writes a multi-key metadata map in random order (unstable sha256)
+    save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     return sha256_file(path)
 
@@ -84,6 +85,7 @@ def _record(arch: str, recipe: Recipe, result: TrainResult, sha: str, weights: s
         "torch": torch.__version__,
         "timm": timm.__version__,
         "machine": platform.machine(),
+        "threads": torch.get_num_threads(),  # float rounding (hence the weights) depends on it
     }
 
 
