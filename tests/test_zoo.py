@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 import klas.zoo
 from klas.errors import KlasError
 from klas.utils import sha256_file
-from klas.zoo import FAMILIES, ZOO_ARCHS, is_zoo_model, read_zoo, train_zoo, zoo_dir
+from klas.zoo import FAMILIES, ZOO_ARCHS, is_zoo_model, read_zoo, stale_models, train_zoo, zoo_dir
 
 
 @pytest.mark.parametrize("arch", ZOO_ARCHS)
@@ -57,6 +57,7 @@ def test_is_zoo_model():
 
 def test_read_zoo_before_training_is_empty(tmp_path):
     assert read_zoo(tmp_path) == {}
+    assert stale_models(tmp_path) == list(ZOO_ARCHS)
     assert zoo_dir(tmp_path) == tmp_path / "zoo"
 
 
@@ -141,3 +142,4 @@ def test_stale_records_are_detected(smoke_root):
     assert not _is_current("klas_vit_ti", {**rec, "arch_args": {**rec["arch_args"], "embed_dim": 1}}, recipe, fp, smoke_root)
     assert not _is_current("klas_vit_ti", rec, _recipe_for("klas_vit_ti"), fp, smoke_root)  # default recipe
     assert not _is_current("klas_vit_ti", rec, recipe, "0" * 64, smoke_root)  # other data
+    assert stale_models(smoke_root, ["klas_vit_ti"]) == ["klas_vit_ti"]  # smoke weights are not the real ones

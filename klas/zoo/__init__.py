@@ -104,6 +104,12 @@ def _digits_fingerprint() -> str:
     return DigitsConfig().fingerprint()
 
 
+def stale_models(root: Path = DEFAULT_ROOT, names: Iterable[str] | None = None) -> list[str]:
+    """The zoo models (of ``names``, default all) that :func:`train_zoo` would (re)train with its defaults."""
+    index, fingerprint = read_zoo(root), _digits_fingerprint()
+    return [a for a in _check_names(names) if not _is_current(a, index.get(a), _recipe_for(a), fingerprint, Path(root))]
+
+
 def train_zoo(
     root: Path = DEFAULT_ROOT,
     names: Iterable[str] | None = None,
@@ -157,5 +163,5 @@ def zoo_weights(arch: str, root: Path = DEFAULT_ROOT, console: Console | None = 
 
 __all__ = [
     "FAMILIES", "ZOO_ARCHS", "RECIPES", "SPLIT_SEED",
-    "is_zoo_model", "zoo_dir", "read_zoo", "train_zoo", "zoo_weights",
+    "is_zoo_model", "zoo_dir", "read_zoo", "stale_models", "train_zoo", "zoo_weights",
 ]
