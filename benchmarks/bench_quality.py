@@ -856,22 +856,14 @@ def machine_info() -> dict:
             "load_average_at_start": list(os.getloadavg())}
 
 
-def stale_zoo_models(models: Iterable[str], root: Path = DEFAULT_ROOT) -> list[str]:
-    """Demo models whose weights are missing or out of date (``klas zoo`` would retrain them)."""
-    from klas.zoo import _digits_fingerprint, _is_current, _recipe_for, read_zoo
-
-    index, fp = read_zoo(root), _digits_fingerprint()
-    return [m for m in models if not _is_current(m, index.get(m), _recipe_for(m), fp, root)]
-
-
 def run(cfg: Config, families: Sequence[str], work: Path, out_json: Path, out_png: Path, *, command: str,
         quick: bool, root: Path = DEFAULT_ROOT, device: str | None = None, keep_cache: bool = False,
         console: Console | None = None) -> dict:
-    from klas.zoo import FAMILIES
+    from klas.zoo import FAMILIES, stale_models
 
     console = console or Console(stderr=True, width=max(190, Console(stderr=True).width))
     if not cfg.random_init:
-        stale = stale_zoo_models([m for f in families for m in FAMILIES[f]], root)
+        stale = stale_models(root, [m for f in families for m in FAMILIES[f]])
         if stale:  # training them here would be timed as part of the benchmark
             raise SystemExit(f"zoo models {', '.join(stale)} are missing or out of date; run `klas zoo` first")
     started = time.perf_counter()
