@@ -378,12 +378,8 @@ def _suffix(net: StitchNet, dst: str, cut: int, hs: list[torch.Tensor]) -> list[
 def _needs(nets: Iterable[tuple[StitchNet, Sequence[str]]]) -> dict[str, set[int]]:
     needs: dict[str, set[int]] = {}
     for net, ids in nets:
-        for i in ids:
-            if net.is_anchor(i):
-                needs.setdefault(i, set()).add(net.profiles[i].num_blocks)
-            else:
-                s = net.specs[i]
-                needs.setdefault(s.src, set()).add(s.src_cut)
+        for name, cuts in net.needs(ids).items():
+            needs.setdefault(name, set()).update(cuts)
     return needs
 
 

@@ -326,9 +326,8 @@ class StitchNet(nn.Module):
                 out[(name, cut)] = h
         return out
 
-    def logits_all(self, x: Tensor, ids: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Logits of many stitches and anchors at once, running each anchor's prefix only once."""
-        ids = list(self.specs) + list(self._anchor_keys) if ids is None else list(ids)
+    def needs(self, ids: Sequence[str]) -> dict[str, set[int]]:
+        """Which representations of which anchor the networks ``ids`` start from (anchor -> cuts)."""
         needs: dict[str, set[int]] = {}
         for i in ids:
             if self.is_anchor(i):
@@ -336,7 +335,12 @@ class StitchNet(nn.Module):
             else:
                 s = self.specs[i]
                 needs.setdefault(s.src, set()).add(s.src_cut)
-        reps = self.representations(x, needs)
+        return needs
+
+    def logits_all(self, x: Tensor, ids: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Logits of many stitches and anchors at once, running each anchor's prefix only once."""
+        ids = list(self.specs) + list(self._anchor_keys) if ids is None else list(ids)
+        reps = self.representations(x, self.needs(ids))
         out: dict[str, Tensor] = {}
         for i in ids:
             if self.is_anchor(i):
