@@ -25,12 +25,7 @@ import bench_quality as bq  # noqa: E402
 from klas.select import select_by_bucket  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- metrics ---------------------------------------------------------------------------------------

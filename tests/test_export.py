@@ -14,7 +14,9 @@ from rich.console import Console
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import FAST, MODELS, PAIRS, FakeCache, fake, one_thread, quiet, tiny_vit, write_selection  # noqa: E402,F401
+from test_train import FAST, MODELS, PAIRS, FakeCache, fake, quiet, tiny_vit, write_selection  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 from klas.errors import KlasError  # noqa: E402
 from klas.export import export_pareto, load_stitched, pareto_front  # noqa: E402

@@ -36,13 +36,7 @@ def spec(a: LoadedModel, i: int, b: LoadedModel, j: int) -> StitchSpec:
     return StitchSpec(stitch_id(a.name, i, b.name, j), a.name, i, b.name, j)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they make timings erratic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
