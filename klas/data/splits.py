@@ -19,8 +19,10 @@ class Split:
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        for arr in (self.ids, self.labels):
+        for field in ("ids", "labels"):
+            arr = np.array(getattr(self, field), dtype=np.int64)  # own read-only copy; the caller's array stays as is
             arr.setflags(write=False)
+            object.__setattr__(self, field, arr)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,7 +140,7 @@ def make_splits(
         ids = np.flatnonzero(sample_split == s).astype(np.int64)
         if limit is not None and limit < len(ids):
             ids = _balanced_head(ids, labels[ids], limit, limit_rng)
-        out[name] = Split(name=name, ids=ids, labels=labels[ids].copy())
+        out[name] = Split(name=name, ids=ids, labels=labels[ids])
     return out
 
 

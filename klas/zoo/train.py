@@ -2,7 +2,7 @@
 
 Plain recipe: the split is preprocessed once into a tensor, then minibatch AdamW with linear warmup and
 a cosine decay, cross-entropy with label smoothing, gradient clipping. No augmentation beyond the
-digits set's own variants. Same seed and machine => same weights.
+digits set's own variants. Same seed, machine and torch thread count => same weights.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class TrainResult:
     state_dict: dict[str, Tensor]
     eval_acc: float  # top-1 on the eval split, fraction in [0, 1]
     steps: int
-    seconds: float  # wall time of the optimisation loop plus evaluation
+    seconds: float  # wall time: model init, optimisation loop and evaluation
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
