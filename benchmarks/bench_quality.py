@@ -908,6 +908,11 @@ def run(cfg: Config, families: Sequence[str], work: Path, out_json: Path, out_pn
                           b=sp["cka_similarity_vs_gt"]["rho"], pb=sp["cka_similarity_vs_gt"]["p"],
                           c=sp["neg_gamma_vs_gt_in_range"]["rho"], d=sp["cka_similarity_vs_gt_in_range"]["rho"]),
                       markup=False, highlight=False)
+        for name, st in fr["strategies"].items():
+            d, ds = st.get("klas_minus_this_hypervolume_ci95"), st.get("klas_minus_this_hypervolume_stitches_ci95")
+            if d and ds:
+                console.print(f"  klas - {name}: HV difference 95% CI [{d[0]:+.4f}, {d[1]:+.4f}], "
+                              f"HV stitches [{ds[0]:+.4f}, {ds[1]:+.4f}]", markup=False, highlight=False)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["wall_s"] = time.perf_counter() - started
     report["versions"] = package_versions()
