@@ -29,9 +29,9 @@ ZOO_ARCHS: tuple[str, ...] = tuple(a for members in FAMILIES.values() for a in m
 #: three minutes on a quiet 2-core CPU. ViTs learn slowly from scratch, so they get small batches and most
 #: of the budget; the ResNets learn this task in a few epochs.
 RECIPES: dict[str, Recipe] = {
-    "klas_vit_ti": Recipe(epochs=7, batch_size=64, lr=1e-3),
-    "klas_vit_s": Recipe(epochs=7, batch_size=64, lr=1e-3),
-    "klas_vit_b": Recipe(epochs=7, batch_size=64, lr=1e-3),
+    "klas_vit_ti": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_vit_s": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_vit_b": Recipe(epochs=8, batch_size=64, lr=1e-3),
     "klas_resnet_s": Recipe(epochs=3, batch_size=128, lr=1.5e-3),
     "klas_resnet_l": Recipe(epochs=3, batch_size=128, lr=1.5e-3),
 }
