@@ -54,6 +54,7 @@ def _save_weights(state: dict[str, Tensor], path: Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # one metadata key only: safetensors writes a multi-key metadata map in random order (unstable sha256)
     save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; weights are meant to be shared
     os.replace(tmp, path)
     return sha256_file(path)
 
