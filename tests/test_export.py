@@ -195,7 +195,7 @@ def test_export_refusals(fake, tmp_path, trained):
     with pytest.raises(KlasError, match="not trained yet"):
         export_pareto(untrained, console=quiet())
     assert not (untrained / "export").exists()
-    with pytest.raises(KlasError, match="has no selection.json"):
+    with pytest.raises(KlasError, match="no run directory"):
         export_pareto(tmp_path / "missing", console=quiet())
     with pytest.raises(KlasError, match="pass --models too"):
         export_pareto(trained, onnx=True, console=quiet())
