@@ -273,7 +273,10 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
     sel = run_dir / SELECTION
     if not sel.is_file() or overwrite:
         return
-    old = read_json(sel, "selection")
+    try:
+        old = read_json(sel, "selection")
+    except KlasError:
+        raise KlasError(f"run {run_dir} holds an unreadable {SELECTION}; pass --overwrite to replace it") from None
     if not isinstance(old, dict) or old.get("inputs") != inputs:
         raise KlasError(f"run {run_dir} holds a selection made with other inputs; pass --run NAME for a new run "
                         f"or --overwrite to replace it (its training and export go with it)")

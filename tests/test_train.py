@@ -273,7 +273,11 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(fake, tmp_path):
     with pytest.raises(KlasError, match="no checkpoint"):
         train_run(run, console=quiet(), resume=True, **FAST)
     for kwargs, msg in ((dict(loss="mse"), "unknown loss"), (dict(sampling="greedy"), "--sampling"),
-                        (dict(layer="conv"), "--layer"), (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr")):
+                        (dict(layer="conv"), "--layer"), (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"),
+                        (dict(lr=float("inf")), "--lr"), (dict(weight_decay=float("nan")), "--weight-decay"),
+                        (dict(weight_decay=-1.0), "--weight-decay"), (dict(warmup=1.0), "--warmup"),
+                        (dict(temperature=float("nan")), "--temperature"), (dict(ridge=float("inf")), "--ridge"),
+                        (dict(batch_size=0), "--batch-size"), (dict(eval_batch_size=0), "--eval-batch-size")):
         with pytest.raises(KlasError, match=msg):
             train_run(run, console=quiet(), **{**FAST, **kwargs})
     # the cache changed since the search

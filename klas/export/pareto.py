@@ -192,11 +192,10 @@ def export_pareto(
     selection = read_selection(run_dir)
     if onnx and not models:
         raise KlasError("--onnx exports the front's models; pass --models too")
-    try:
-        rows = read_results(run_dir)
-    except KlasError:
+    if not (run_dir / RESULTS).is_file():
         what = "export models from" if models else "export a front of"
-        raise KlasError(f"cannot {what} run {run_dir}: it is not trained yet (no results.parquet); run: klas train {run_dir}") from None
+        raise KlasError(f"cannot {what} run {run_dir}: it is not trained yet (no {RESULTS}); run: klas train {run_dir}")
+    rows = read_results(run_dir)
     if not rows:
         raise KlasError(f"{run_dir / RESULTS} is empty; rerun klas train {run_dir} --overwrite")
     train_info = _trained_on(run_dir, selection)
