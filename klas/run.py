@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from klas.errors import KlasError
-from klas.fs import DirLock, atomic_path, atomic_write, claim_dir, clear_dir, read_json, write_json_atomic
+from klas.fs import DirLock, atomic_path, atomic_write, claim_dir, clear_dir, dir_kind, read_json, write_json_atomic
 from klas.utils import sha256_json
 
 __all__ = [
@@ -98,6 +98,10 @@ def read_selection(run_dir: Path | str) -> dict:
     if not run_dir.is_dir():
         raise KlasError(f"{run_dir} is a file, not a run directory; {create}")
     if not path.is_file():
+        kind = dir_kind(run_dir, _legacy_kind)
+        if kind not in (None, "run"):
+            raise KlasError(f"{run_dir} is a klas {kind} directory, not a run; give a run directory (klas search "
+                            f"CACHE --run NAME writes one)")
         raise KlasError(f"run directory {run_dir} has no {SELECTION} (klas search has not finished there); {create}")
     sel = read_json(path, "selection")
     if not isinstance(sel, dict) or sel.get("format") != SELECTION_FORMAT:

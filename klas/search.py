@@ -34,7 +34,7 @@ from klas.cache import Cache, open_cache
 from klas.errors import KlasError
 from klas.fs import DirLock, read_json
 from klas.run import SELECTION, SELECTION_FORMAT, claim_run, write_search
-from klas.select import STRATEGIES, check_selection_args, select
+from klas.select import STRATEGIES, check_budget, check_selection_args, select
 from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
 from klas.stitch.layers import STITCH_KINDS
 from klas.utils import DEFAULT_ROOT, package_versions, resolve_device, sha256_json
@@ -135,6 +135,8 @@ def search(
     dev = resolve_device(device)
     cache = open_cache(cache_path)
     _check_cache(cache, probe_target)
+    check_budget(enumerate_stitches(cache.profiles, direction, layer), anchors(cache.profiles),
+                 budget * 1e9 if budget is not None else None)
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-{strategy}"
     inputs = {
         "cache": cache.fingerprint, "budget": budget, "strategy": strategy, "buckets": buckets, "tau": tau,

@@ -163,3 +163,18 @@ def test_run_arguments_that_are_not_runs(tmp_path):
             with pytest.raises(KlasError, match=msg):
                 stage(tmp_path / name)
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
+
+
+def test_a_budget_below_every_candidate_is_refused_before_probe_training(cache_dir, tmp_path, no_probe_training):
+    with pytest.raises(KlasError, match="below the cheapest candidate"):
+        run_search(cache_dir, tmp_path / "run", budget=1e-9)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_export_name_a_cache_given_as_the_run(cache_dir):
+    from klas.export import export_pareto
+    from klas.train import train_run
+
+    for stage in (lambda p: train_run(p, console=quiet(), progress=False), lambda p: export_pareto(p, console=quiet())):
+        with pytest.raises(KlasError, match="is a klas cache directory, not a run"):
+            stage(cache_dir)
