@@ -1,7 +1,11 @@
 """The ``klas`` command line: a thin shell that parses, calls the library, and prints.
 
 Every command maps to one library function; bad input raises :class:`klas.KlasError`, printed here as
-one line on stderr with exit status 2.
+one line on stderr with exit status 2, and so is every usage error click finds while parsing.
+
+Importing this module must stay cheap (``klas --help`` answers at once): torch, timm and every stage
+are imported inside the command bodies; constants come from torch-free modules (``klas.fs``,
+``klas.units``). ``tests/test_cli.py`` checks that ``import klas.cli`` does not import torch.
 """
 from __future__ import annotations
 
@@ -15,9 +19,15 @@ from rich.console import Console
 from rich.table import Table
 
 from klas.errors import KlasError
-from klas.utils import DEFAULT_ROOT, FLOPS_CONVENTION
+from klas.fs import DEFAULT_ROOT
+from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE
 
-GFLOPS_NOTE = "GFLOPs follow the fvcore convention of the stitching literature: one multiply-add = one FLOP."
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
+
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="klas",
@@ -220,16 +230,50 @@ def export_pareto_cmd(
     out.print(f"picture: {result.out_dir / 'front.png'}  table: {result.out_dir / 'front.csv'}")
 
 
-def main() -> None:
-    """Console-script entry point: KlasError -> one line on stderr, exit 2."""
+def _command_path(argv: list[str]) -> str:
+    """``klas`` plus the (sub)command names that lead ``argv``: where its ``--help`` is."""
+    cmd, path = typer.main.get_command(app), ["klas"]
+    for word in argv:
+        sub = getattr(cmd, "commands", {}).get(word)
+        if sub is None:
+            break
+        cmd, path = sub, [*path, word]
+    return " ".join(path)
+
+
+def _usage_error(exc: click_errors.UsageError, argv: list[str]) -> str:
+    """click's message as one line, with where to look: ``<message>; see klas COMMAND --help``."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    where = exc.ctx.command_path if exc.ctx is not None else _command_path(argv)
+    return f"{message}; see {where} --help"
+
+
+def _fail(message: str) -> None:
+    """``error: <message>`` as one line on stderr (no markup read from the message), exit status 2."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(KlasError.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: KlasError and usage errors -> one line on stderr, exit 2."""
     try:
-        app()
+        rc = app(args=argv, prog_name="klas", standalone_mode=False)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare ``klas``, ``klas export``: help, exit 0
+        typer.echo(exc.ctx.get_help())
+        rc = 0
+    except click_errors.UsageError as exc:  # a bad value, an unknown option, a missing argument
+        _fail(_usage_error(exc, sys.argv[1:] if argv is None else argv))
+    except click_errors.ClickException as exc:
+        _fail(" ".join(exc.format_message().split()))
     except KlasError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(KlasError.exit_code)
-    except KeyboardInterrupt:
+        _fail(str(exc))
+    except (KeyboardInterrupt, typer.Abort, click_errors.Abort if hasattr(click_errors, "Abort") else typer.Abort):
+        rc = 130
+    if rc == 130:  # Ctrl-C (typer turns it into exit status 130)
         err.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to continue (klas train: add --resume)")
-        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from klas.cache import Cache, open_cache
 from klas.errors import KlasError
-from klas.select import STRATEGIES, check_selection_args, select
-from klas.stitch.candidates import Candidate, anchors, enumerate_stitches
-from klas.utils import DEFAULT_ROOT, package_versions, read_json, resolve_device, sha256_json, write_json_atomic
+from klas.fs import DirLock, read_json
+from klas.run import SELECTION, SELECTION_FORMAT, claim_run, write_search
+from klas.select import STRATEGIES, check_budget, check_selection_args, select
+from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
+from klas.stitch.layers import STITCH_KINDS
+from klas.utils import DEFAULT_ROOT, package_versions, resolve_device, sha256_json
 
 PROBE_TARGETS = ("labels", "model")
 SIGMA_FLOOR = 1e-8
-SELECTION_FORMAT = "klas.selection/1"
 CHUNK = 2048
 
 
@@ -70,6 +72,18 @@ def _features(cache: Cache, split: str, index: list[tuple[str, int]]) -> list[np
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
     return torch.softmax(z, dim=1).numpy()
+
+
+def _check_options(temperature: float, probe_epochs: int, direction: str, layer: str) -> None:
+    """One-line errors, each naming its own option, before anything is read or written."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise KlasError(f"--temperature must be a positive number, got {temperature}")
+    if not (isinstance(probe_epochs, int) and probe_epochs >= 1):
+        raise KlasError(f"--probe-epochs must be a positive integer, got {probe_epochs!r}")
+    if direction not in DIRECTIONS:
+        raise KlasError(f"unknown --direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
+    if layer not in STITCH_KINDS:
+        raise KlasError(f"unknown stitch layer {layer!r}; use one of {', '.join(STITCH_KINDS)}")
 
 
 def _check_cache(cache: Cache, probe_target: str) -> None:
@@ -112,27 +126,38 @@ def search(
 
     ``budget`` is in GFLOPs (fvcore convention: one multiply-add = one FLOP); only stitches at or
     under it are kept, by every strategy. Writes ``run_dir`` (default ``cache/runs/<cache>-<strategy>``,
-    see docs/formats.md) and returns the same content.
+    see docs/formats.md) and returns the same content. ``run_dir`` is checked, claimed and locked
+    before any probe is trained (:mod:`klas.run`).
     """
-    from klas.probes import train_probes
-    from klas.score import kl_matrix, linear_cka_matrix
-
     start = time.perf_counter()
-    console = console or Console(stderr=True)
     check_selection_args(strategy, buckets, tau, budget)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise KlasError(f"--temperature must be positive, got {temperature}")
+    _check_options(temperature, probe_epochs, direction, layer)
+    dev = resolve_device(device)
     cache = open_cache(cache_path)
     _check_cache(cache, probe_target)
+    check_budget(enumerate_stitches(cache.profiles, direction, layer), anchors(cache.profiles),
+                 budget * 1e9 if budget is not None else None)
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-{strategy}"
     inputs = {
         "cache": cache.fingerprint, "budget": budget, "strategy": strategy, "buckets": buckets, "tau": tau,
         "direction": direction, "probe_target": probe_target, "temperature": temperature,
         "probe_epochs": probe_epochs, "layer": layer, "seed": seed,
     }
-    _check_run_dir(run_dir, sha256_json(inputs), overwrite)
-    dev = resolve_device(device)
+    claim_run(run_dir)
+    with DirLock(run_dir, "--run"):
+        _check_run_dir(run_dir, sha256_json(inputs), overwrite)
+        return _search_locked(cache, run_dir, inputs, dev, start, console or Console(stderr=True), progress)
 
+
+def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device, start: float, console: Console,
+                   progress: bool) -> SearchResult:
+    """The search proper, run while this process holds the run's lock."""
+    from klas.probes import train_probes
+    from klas.score import kl_matrix, linear_cka_matrix
+
+    budget, strategy, buckets, tau = inputs["budget"], inputs["strategy"], inputs["buckets"], inputs["tau"]
+    direction, probe_target, layer, seed = inputs["direction"], inputs["probe_target"], inputs["layer"], inputs["seed"]
+    temperature, probe_epochs = inputs["temperature"], inputs["probe_epochs"]
     profiles = cache.profiles
     stitches = enumerate_stitches(profiles, direction, layer)
     anchor_list = anchors(profiles)
@@ -203,7 +228,7 @@ def search(
         "anchor_pairs": pairs,
         "versions": package_versions(),
     }
-    _write_run(run_dir, rows, bank, probe_accuracy, selection)
+    write_search(run_dir, rows, bank, probe_accuracy, selection)
     return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start)
 
 
@@ -246,32 +271,17 @@ def _anchor_pairs(cache: Cache, temperature: float, dev: torch.device) -> list[d
 
 
 def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
-    sel = run_dir / "selection.json"
+    """Refuse, before the long work, to replace a selection made with other inputs unless ``overwrite``."""
+    sel = run_dir / SELECTION
     if not sel.is_file() or overwrite:
         return
-    if read_json(sel, "selection").get("inputs") != inputs:
-        raise KlasError(f"run {run_dir} holds a selection made with other inputs; pass --run NAME for a new run or --overwrite")
-
-
-def _write_run(run_dir: Path, rows: list[dict], bank, probe_accuracy: dict, selection: dict) -> None:
-    """Write the search's files; selection.json, what the next stage reads, goes last."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".candidates.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(run_dir / "candidates.parquet")
-    tmp = run_dir / ".probes.safetensors.tmp"
-    bank.save(tmp)
-    tmp.replace(run_dir / "probes.safetensors")
-    lines = ["model,representation,block,probe_top1_score_split"]
-    for m, accs in probe_accuracy.items():
-        lines += [f"{m},{r},{'stem' if r == 0 else r - 1},{a:.6f}" for r, a in enumerate(accs)]
-    tmp = run_dir / ".probe_accuracy.csv.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(run_dir / "probe_accuracy.csv")
-    write_json_atomic(run_dir / "selection.json", selection)
+    try:
+        old = read_json(sel, "selection")
+    except KlasError:
+        raise KlasError(f"run {run_dir} holds an unreadable {SELECTION}; pass --overwrite to replace it") from None
+    if not isinstance(old, dict) or old.get("inputs") != inputs:
+        raise KlasError(f"run {run_dir} holds a selection made with other inputs; pass --run NAME for a new run "
+                        f"or --overwrite to replace it (its training and export go with it)")
 
 
 __all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "search"]

@@ -195,7 +195,7 @@ def test_export_refusals(fake, tmp_path, trained):
     with pytest.raises(KlasError, match="not trained yet"):
         export_pareto(untrained, console=quiet())
     assert not (untrained / "export").exists()
-    with pytest.raises(KlasError, match="has no selection.json"):
+    with pytest.raises(KlasError, match="no run directory"):
         export_pareto(tmp_path / "missing", console=quiet())
     with pytest.raises(KlasError, match="pass --models too"):
         export_pareto(trained, onnx=True, console=quiet())
@@ -206,3 +206,38 @@ def test_export_refusals(fake, tmp_path, trained):
     with pytest.raises(KlasError, match="changed since the search"):
         export_pareto(trained, models=True, console=quiet())
     assert export_pareto(trained, console=quiet()).front
+
+
+def test_export_refuses_training_of_another_selection(fake, trained):
+    """The search was redone (other stitches) but the old training is still there: no stale front."""
+    res = export_pareto(trained, console=quiet())
+    front_before = (res.out_dir / "front.csv").read_bytes()
+    write_selection(trained, fake, pairs=PAIRS[:2], budget=0.0015)
+    for models in (False, True):
+        with pytest.raises(KlasError, match="made from another selection .*rerun klas train .* --overwrite"):
+            export_pareto(trained, models=models, console=quiet())
+    assert (res.out_dir / "front.csv").read_bytes() == front_before  # the old export is left as it was
+    train_run(trained, console=quiet(), overwrite=True, **FAST)
+    assert not (trained / "export").exists()  # retraining removes the front of the earlier training
+    assert len(export_pareto(trained, console=quiet()).front) >= 1
+
+
+def test_damaged_run_files_are_one_line_errors(fake, trained):
+    files = {name: (trained / name).read_bytes() for name in ("results.parquet", "train.json")}
+    ckpt = checkpoint_path(trained)
+    files_ckpt = ckpt.read_bytes()
+    cases = [("results.parquet", b"PAR1 not really", "results.parquet is unreadable"),
+             ("train.json", b"[1, 2]", "is not a klas training manifest"),
+             ("train.json", b"{\"selection_sha256\": \"x\"", "training manifest .* is unreadable")]
+    for name, data, msg in cases:
+        (trained / name).write_bytes(data)
+        with pytest.raises(KlasError, match=msg):
+            export_pareto(trained, console=quiet())
+        (trained / name).write_bytes(files[name])
+    ckpt.write_bytes(files_ckpt[: len(files_ckpt) // 2])  # a torn or foreign checkpoint
+    with pytest.raises(KlasError, match="checkpoint .* is unreadable"):
+        export_pareto(trained, models=True, console=quiet())
+    with pytest.raises(KlasError, match="checkpoint .* is unreadable"):
+        train_run(trained, console=quiet(), resume=True, **FAST)
+    ckpt.write_bytes(files_ckpt)
+    assert export_pareto(trained, models=True, console=quiet()).models

@@ -266,14 +266,18 @@ def test_checkpoint_from_another_selection_is_refused(fake, tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(fake, tmp_path):
-    with pytest.raises(KlasError, match="has no selection.json"):
+    with pytest.raises(KlasError, match="no run directory"):
         train_run(tmp_path / "nowhere", console=quiet(), **FAST)
     run = tmp_path / "run"
     write_selection(run, fake)
     with pytest.raises(KlasError, match="no checkpoint"):
         train_run(run, console=quiet(), resume=True, **FAST)
     for kwargs, msg in ((dict(loss="mse"), "unknown loss"), (dict(sampling="greedy"), "--sampling"),
-                        (dict(layer="conv"), "--layer"), (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr")):
+                        (dict(layer="conv"), "--layer"), (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"),
+                        (dict(lr=float("inf")), "--lr"), (dict(weight_decay=float("nan")), "--weight-decay"),
+                        (dict(weight_decay=-1.0), "--weight-decay"), (dict(warmup=1.0), "--warmup"),
+                        (dict(temperature=float("nan")), "--temperature"), (dict(ridge=float("inf")), "--ridge"),
+                        (dict(batch_size=0), "--batch-size"), (dict(eval_batch_size=0), "--eval-batch-size")):
         with pytest.raises(KlasError, match=msg):
             train_run(run, console=quiet(), **{**FAST, **kwargs})
     # the cache changed since the search
@@ -284,7 +288,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(fake, tmp_path):
     del fake.registry[str(fake.path)]
     with pytest.raises(KlasError, match="gone"):
         train_run(run, console=quiet(), **FAST)
-    assert sorted(p.name for p in run.iterdir()) == ["selection.json"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["selection.json"]
 
 
 def test_distillation_and_feature_matching_do_not_read_labels(fake, tmp_path):

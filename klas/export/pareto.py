@@ -20,9 +20,14 @@ from rich.console import Console
 from rich.table import Table
 
 from klas.errors import KlasError
-from klas.utils import FLOPS_CONVENTION, atomic_dir, read_json, sha256_json, write_json_atomic
+from klas.fs import DEFAULT_ROOT, atomic_dir, read_json, write_json_atomic
+from klas.run import (
+    EXPORT, RESULTS, TRAIN_MANIFEST, check_same_selection, open_run_cache, read_selection, run_writer, selection_hash,
+    stitch_specs,
+)
+from klas.units import FLOPS_CONVENTION
 
-EXPORT = "export"
+__all__ = ["EXPORT", "FRONT_FORMAT", "ExportResult", "export_pareto", "pareto_front", "plot_front", "safe_name"]
 FRONT_FORMAT = "klas.front/1"
 X_LABEL = "GFLOPs (fvcore: 1 multiply-add = 1 FLOP)"
 Y_LABEL = "top-1 accuracy on eval split (%)"
@@ -158,6 +163,7 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+@run_writer
 def export_pareto(
     run_dir: Path | str,
     *,
@@ -178,9 +184,7 @@ def export_pareto(
 
     Returns an :class:`ExportResult` (``.table()`` renders the front).
     """
-    from klas.train.loop import MANIFEST, read_selection, stitch_specs
     from klas.train.results import read_results
-    from klas.utils import DEFAULT_ROOT
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -188,14 +192,13 @@ def export_pareto(
     selection = read_selection(run_dir)
     if onnx and not models:
         raise KlasError("--onnx exports the front's models; pass --models too")
-    try:
-        rows = read_results(run_dir)
-    except KlasError:
+    if not (run_dir / RESULTS).is_file():
         what = "export models from" if models else "export a front of"
-        raise KlasError(f"cannot {what} run {run_dir}: it is not trained yet (no results.parquet); run: klas train {run_dir}") from None
+        raise KlasError(f"cannot {what} run {run_dir}: it is not trained yet (no {RESULTS}); run: klas train {run_dir}")
+    rows = read_results(run_dir)
     if not rows:
-        raise KlasError(f"{run_dir / 'results.parquet'} is empty; rerun klas train {run_dir} --overwrite")
-    train_info = read_json(run_dir / MANIFEST, "training manifest") if (run_dir / MANIFEST).is_file() else {}
+        raise KlasError(f"{run_dir / RESULTS} is empty; rerun klas train {run_dir} --overwrite")
+    train_info = _trained_on(run_dir, selection)
     front = pareto_front(rows)
     budget = selection.get("budget_gflops")
     result = ExportResult(run_dir, run_dir / EXPORT, front, len(rows))
@@ -203,7 +206,7 @@ def export_pareto(
     with atomic_dir(run_dir / EXPORT, overwrite=True) as tmp:
         if models:
             result.models, result.onnx = _export_models(run_dir, selection, train_info, front, tmp, onnx, device,
-                                                        root or DEFAULT_ROOT, console, stitch_specs)
+                                                        root or DEFAULT_ROOT, console)
         for r in front:
             r["artifact"] = result.models.get(r["id"])
             r["onnx"] = result.onnx.get(r["id"])
@@ -211,7 +214,7 @@ def export_pareto(
         write_json_atomic(tmp / "front.json", {
             "format": FRONT_FORMAT,
             "run": run_dir.name,
-            "selection_sha256": sha256_json(selection),
+            "selection_sha256": selection_hash(selection),
             "budget_gflops": budget,
             "cost": "gflops", "flops": FLOPS_CONVENTION,
             "accuracy": "acc_after: top-1 on the eval split after fine-tuning, a fraction in [0, 1]",
@@ -226,19 +229,33 @@ def export_pareto(
     return result
 
 
-def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device, root, console, stitch_specs):
+def _trained_on(run_dir: Path, selection: dict) -> dict:
+    """The training manifest (``{}`` when absent), after checking that results and manifest belong to ``selection``."""
+    from klas.train.results import results_selection
+
+    fix = f"rerun klas train {run_dir} --overwrite"
+    check_same_selection(results_selection(run_dir), selection, run_dir / RESULTS, fix)
+    path = run_dir / TRAIN_MANIFEST
+    if not path.is_file():
+        return {}
+    info = read_json(path, "training manifest")
+    if not isinstance(info, dict):
+        raise KlasError(f"{path} is not a klas training manifest; {fix}")
+    check_same_selection(info.get("selection_sha256"), selection, path, fix)
+    return info
+
+
+def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device, root, console):
     """Rebuild the front's networks from the cache + final checkpoint and save each one."""
     import torch
 
     from klas.export.artifact import export_onnx, save_stitched
     from klas.stitch.network import StitchNet
     from klas.train.checkpoint import checkpoint_path, load_checkpoint
-    from klas.train.loop import open_run_cache
 
     ckpt_path = checkpoint_path(run_dir)
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt.get("selection_sha256") != sha256_json(selection):
-        raise KlasError(f"checkpoint {ckpt_path} belongs to another selection than {run_dir}; rerun klas train {run_dir} --overwrite")
+    check_same_selection(ckpt.get("selection_sha256"), selection, ckpt_path, f"rerun klas train {run_dir} --overwrite")
     done = train_info.get("epochs_done")
     if done is not None and int(ckpt["epoch"]) != int(done):
         raise KlasError(f"checkpoint {ckpt_path} is at epoch {ckpt['epoch']} but results.parquet is from epoch {done}; "

@@ -100,6 +100,16 @@ def check_selection_args(strategy: str, buckets: int, tau: float, budget_gflops:
         raise KlasError(f"--budget must be a positive number of GFLOPs, got {budget_gflops}")
 
 
+def check_budget(cands: Sequence[Candidate], anchors: Sequence[Candidate], budget_macs: float | None) -> None:
+    """Refuse a budget below every candidate (costs are known before any scoring: check it first)."""
+    cheapest = min(list(cands) + list(anchors), key=lambda c: c.macs)
+    if budget_macs is not None and budget_macs < cheapest.macs:
+        raise KlasError(
+            f"--budget {budget_macs / 1e9:.4g} GFLOPs is below the cheapest candidate, {cheapest.route} "
+            f"at {cheapest.macs / 1e9:.4g} GFLOPs; raise the budget"
+        )
+
+
 def select(
     strategy: str,
     cands: Sequence[Candidate],
@@ -115,12 +125,7 @@ def select(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(selected mask, bucket index) over ``cands`` for one strategy."""
     macs = np.array([c.macs for c in cands], dtype=np.float64)
-    cheapest = min(list(cands) + list(anchors), key=lambda c: c.macs)
-    if budget_macs is not None and budget_macs < cheapest.macs:
-        raise KlasError(
-            f"--budget {budget_macs / 1e9:.4g} GFLOPs is below the cheapest candidate, {cheapest.route} "
-            f"at {cheapest.macs / 1e9:.4g} GFLOPs; raise the budget"
-        )
+    check_budget(cands, anchors, budget_macs)
     lo, hi = flops_range(cands, anchors, budget_macs)
     bucket = assign_buckets(macs, lo, hi, buckets)
     in_range = bucket >= 0
@@ -139,6 +144,6 @@ def select(
 
 
 __all__ = [
-    "STRATEGIES", "assign_buckets", "check_selection_args", "flops_range", "select", "select_by_bucket",
+    "STRATEGIES", "assign_buckets", "check_budget", "check_selection_args", "flops_range", "select", "select_by_bucket",
     "select_random", "select_snnet",
 ]

@@ -35,6 +35,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from klas.errors import KlasError
+from klas.run import (
+    EXPORT, SELECTION, TRAIN_MANIFEST, discard, open_run_cache, read_selection, run_writer, stitch_specs,
+)
 from klas.stitch.init import DEFAULT_INIT_IMAGES, DEFAULT_RIDGE, least_squares_init
 from klas.stitch.layers import STITCH_KINDS
 from klas.stitch.network import StitchNet, StitchSpec, route_string
@@ -48,9 +51,7 @@ from klas.utils import (
     seed_everything, sha256_json, write_json_atomic,
 )
 
-SELECTION = "selection.json"
-SELECTION_FORMAT = "klas.selection/1"
-MANIFEST = "train.json"
+MANIFEST = TRAIN_MANIFEST
 MANIFEST_FORMAT = "klas.train/1"
 TRAIN_SPLIT = "probe-train"
 EVAL_SPLIT = "eval"
@@ -60,62 +61,6 @@ AMPS = ("auto", "bf16", "fp16", "off")
 #: Options that must match for ``resume`` to continue a checkpoint.
 RESUME_KEYS = ("epochs", "steps_per_epoch", "batch_size", "lr", "weight_decay", "warmup", "loss", "sampling",
                "full_tune", "anchor_lr_scale", "layer", "init", "init_images", "ridge", "temperature", "seed")
-
-
-# -- run directory ---------------------------------------------------------------------------------
-
-
-def read_selection(run_dir: Path) -> dict:
-    """``run_dir/selection.json``, checked; a KlasError naming the fix when missing or malformed."""
-    run_dir = Path(run_dir)
-    path = run_dir / SELECTION
-    if not path.is_file():
-        what = "run directory" if run_dir.is_dir() else "no run directory"
-        raise KlasError(f"{what} {run_dir} has no {SELECTION}; create the run with: klas search CACHE --run NAME")
-    sel = read_json(path, "selection")
-    if not isinstance(sel, dict) or sel.get("format") != SELECTION_FORMAT:
-        raise KlasError(f"{path} is not a {SELECTION_FORMAT} file; rerun klas search")
-    for key in ("cache", "stitches", "anchors"):
-        if key not in sel:
-            raise KlasError(f"{path} lacks {key!r}; rerun klas search")
-    return sel
-
-
-def resolve_cache_path(selection: dict, run_dir: Path) -> Path:
-    """The cache a selection names: as given (absolute, or relative to the working directory), else
-    relative to an ancestor of the run directory (so a project moved as a whole still works)."""
-    p = Path(selection["cache"]["path"])
-    if p.is_absolute():
-        return p
-    for base in [Path.cwd(), *Path(run_dir).resolve().parents]:
-        if (base / p / "manifest.json").is_file():
-            return base / p
-    return p
-
-
-def open_run_cache(selection: dict, run_dir: Path):
-    """Open the selection's cache, refusing when it is gone or its fingerprint changed."""
-    from klas.cache import open_cache
-
-    path = resolve_cache_path(selection, run_dir)
-    try:
-        cache = open_cache(path)
-    except KlasError as exc:
-        raise KlasError(
-            f"the cache this run was searched on is gone or incomplete ({exc}); recreate it with the same "
-            f"klas cache command, or search again"
-        ) from None
-    want = selection["cache"].get("fingerprint")
-    if cache.fingerprint != want:
-        raise KlasError(
-            f"cache {path} changed since the search (fingerprint {cache.fingerprint[:12]} != {str(want)[:12]}); "
-            f"rerun klas search on it, then train"
-        )
-    return cache
-
-
-def stitch_specs(selection: dict) -> list[StitchSpec]:
-    return [StitchSpec.from_json(s) for s in selection["stitches"]]
 
 
 # -- result ----------------------------------------------------------------------------------------
@@ -260,6 +205,7 @@ def _teacher_targets(net: StitchNet, data: SplitData, names: list[str], want_log
 # -- the entry point -------------------------------------------------------------------------------
 
 
+@run_writer
 def train_run(
     run_dir: Path | str,
     *,
@@ -335,11 +281,18 @@ def train_run(
         (init in INITS, f"unknown --init {init!r}; use one of {', '.join(INITS)}"),
         (isinstance(epochs, int) and epochs >= 1, f"--epochs must be a positive integer, got {epochs!r}"),
         (steps_per_epoch is None or steps_per_epoch >= 1, f"--steps-per-epoch must be positive, got {steps_per_epoch!r}"),
-        (batch_size >= 1 and eval_batch_size >= 1 and latency_batch >= 1, "batch sizes must be positive"),
+        (batch_size >= 1, f"--batch-size must be positive, got {batch_size!r}"),
+        (eval_batch_size >= 1, f"--eval-batch-size must be positive, got {eval_batch_size!r}"),
+        (latency_batch >= 1, f"--latency-batch must be positive, got {latency_batch!r}"),
         (lr > 0 and math.isfinite(lr), f"--lr must be a positive number, got {lr!r}"),
-        (weight_decay >= 0 and 0 <= warmup < 1, "--weight-decay must be >= 0 and --warmup in [0, 1)"),
-        (anchor_lr_scale > 0 and temperature > 0, "--anchor-lr-scale and --temperature must be positive"),
-        (init_images >= 1 and ridge >= 0, "--init-images must be positive and --ridge non-negative"),
+        (0 <= weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {weight_decay!r}"),
+        (0 <= warmup < 1, f"--warmup must lie in [0, 1), got {warmup!r}"),
+        (0 < anchor_lr_scale < math.inf, f"--anchor-lr-scale must be a positive number, got {anchor_lr_scale!r}"),
+        (0 < temperature < math.inf, f"--temperature must be a positive number, got {temperature!r}"),
+        (init_images >= 1, f"--init-images must be positive, got {init_images!r}"),
+        (0 <= ridge < math.inf, f"--ridge must be a number >= 0, got {ridge!r}"),
+        (preload_limit_gb >= 0, f"--preload-limit-gb must be >= 0, got {preload_limit_gb!r}"),
+        (workers >= 0, f"--workers must be >= 0, got {workers!r}"),
         (stop_after is None or stop_after >= 1, f"--stop-after must be positive, got {stop_after!r}"),
         (latency_repeats >= 1, "--latency-repeats must be positive"),
     ]
@@ -442,9 +395,8 @@ def train_run(
             lap("ls_init")
         if world > 1:
             _broadcast_module(net.stitch_layers)
-        for stale in (run_dir / RESULTS, run_dir / MANIFEST):
-            if rank == 0 and stale.is_file():
-                stale.unlink()
+        if rank == 0:  # outputs of an earlier training (and the front exported from it) are now stale
+            discard(run_dir, (RESULTS, MANIFEST, EXPORT))
         before = _evaluate(net, eval_data, eval_ids, eval_batch_size, dev, amp_dtype, rank, world, console,
                            progress, "evaluating (before)")
         lap("eval_before")

@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klas.errors import KlasError
+from klas.run import RESULTS
 
-RESULTS = "results.parquet"
+__all__ = ["RESULTS", "SCHEMA", "write_results", "read_results", "results_selection"]
 
 #: Column order and types (nullable where a value does not apply: anchors have no dst/dst_cut/theta/gamma).
 SCHEMA = pa.schema([
@@ -57,3 +58,14 @@ def read_results(run_dir: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     except Exception as exc:
         raise KlasError(f"{path} is unreadable ({exc.__class__.__name__}); rerun klas train {run_dir} --overwrite") from exc
+
+
+def results_selection(run_dir: Path) -> str | None:
+    """The selection hash ``results.parquet`` records (``klas.selection_sha256``), or None when it has none."""
+    path = Path(run_dir) / RESULTS
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception as exc:
+        raise KlasError(f"{path} is unreadable ({exc.__class__.__name__}); rerun klas train {run_dir} --overwrite") from exc
+    value = meta.get(b"klas.selection_sha256")
+    return value.decode() if value else None
