@@ -28,7 +28,7 @@ from klas.models import LoadedModel, ModelSpec, adapt, data_config_of, profile_a
 from klas.stitch.network import StitchNet, stitch_id, stitch_macs, stitch_params
 from klas.train import parse_loss, read_results, train_run
 from klas.train.checkpoint import checkpoint_path, load_checkpoint
-from klas.train.loop import _stitch_sequence
+from klas.train.core import stitch_sequence as _stitch_sequence
 from klas.utils import sha256_state_dict
 
 # Two small ViTs with the same token grid (4x4 patches of 8 px + cls) and different widths. The timm
