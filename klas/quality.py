@@ -83,6 +83,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -331,41 +332,36 @@ def _points(ids: Sequence[str], bits: Mapping[str, np.ndarray], gflops: Mapping[
             for i in ids]
 
 
-def summarise(family, models, cfg: QualityConfig, stitches, anchor_list, gamma, cka_dist, bucket, masks, notes, bits,
-              steps, joint_loss, gt_losses) -> dict:
-    gflops = {c.id: c.macs / 1e9 for c in list(stitches) + list(anchor_list)}
-    anchor_ids = [a.src for a in anchor_list]
-    x_lo, x_hi = min(gflops[a] for a in anchor_ids), max(gflops[a] for a in anchor_ids)
-    cheapest = min(anchor_ids, key=lambda a: gflops[a])
-    budgets = [x_lo + q * (x_hi - x_lo) for q in BUDGET_QUANTILES]
-    n_eval = len(next(iter(bits["anchors"].values())))
+def _metrics(bits, stitches, anchor_ids, gflops, cheapest, bucket, masks, span, idx=None) -> dict:
+    """Fronts, HV, best at budgets and recovery of the anchors, the ground truth and every selection,
+    on the eval images ``idx`` (all when None)."""
+    x_lo, x_hi, budgets = span
+    anchors_pts = _points(anchor_ids, bits["anchors"], gflops, idx)
+    y_ref = next(p["acc"] for p in anchors_pts if p["id"] == cheapest)
+    gt_acc = np.array([bits["gt"][c.id].mean() if idx is None else bits["gt"][c.id][idx].mean() for c in stitches])
+    res = {"y_ref": y_ref, "anchors": anchors_pts, "gt_acc": gt_acc, "strategies": {}}
+    res["anchors_only"] = front_summary(anchors_pts, x_lo, x_hi, y_ref, budgets)
+    gt_pts = [{"id": c.id, "gflops": gflops[c.id], "acc": float(a)} for c, a in zip(stitches, gt_acc)]
+    res["ground_truth"] = front_summary(gt_pts + anchors_pts, x_lo, x_hi, y_ref, budgets, gt_pts)
+    for name, mask in masks.items():
+        ids = [stitches[j].id for j in np.flatnonzero(mask)]
+        pts = _points(ids, bits[name], gflops, idx)
+        m = front_summary(pts + anchors_pts, x_lo, x_hi, y_ref, budgets, pts)
+        m["stitches"] = pts
+        m["recovery"] = recovery(gt_acc, bucket, mask)
+        res["strategies"][name] = m
+    return res
 
-    def evaluate_all(idx=None) -> dict:
-        anchors_pts = _points(anchor_ids, bits["anchors"], gflops, idx)
-        y_ref = next(p["acc"] for p in anchors_pts if p["id"] == cheapest)
-        gt_acc = np.array([bits["gt"][c.id].mean() if idx is None else bits["gt"][c.id][idx].mean() for c in stitches])
-        res = {"y_ref": y_ref, "anchors": anchors_pts, "gt_acc": gt_acc, "strategies": {}}
-        res["anchors_only"] = front_summary(anchors_pts, x_lo, x_hi, y_ref, budgets)
-        gt_pts = [{"id": c.id, "gflops": gflops[c.id], "acc": float(a)} for c, a in zip(stitches, gt_acc)]
-        res["ground_truth"] = front_summary(gt_pts + anchors_pts, x_lo, x_hi, y_ref, budgets, gt_pts)
-        for name, mask in masks.items():
-            ids = [stitches[j].id for j in np.flatnonzero(mask)]
-            pts = _points(ids, bits[name], gflops, idx)
-            m = front_summary(pts + anchors_pts, x_lo, x_hi, y_ref, budgets, pts)
-            m["stitches"] = pts
-            m["recovery"] = recovery(gt_acc, bucket, mask)
-            res["strategies"][name] = m
-        return res
 
-    full = evaluate_all()
-    # bootstrap over eval images: the same resamples for every network
-    rng = np.random.default_rng(cfg.seed)
+def _bootstrap(metrics, masks, n_eval: int, rounds: int, seed: int) -> tuple[dict, dict, dict]:
+    """HV, HV of the stitches and recovery over ``rounds`` resamples of the eval images (the same
+    resamples for every network), plus klas's HV differences to each other strategy."""
+    rng = np.random.default_rng(seed)
     boot_hv: dict[str, list[float]] = {}
     boot_hvs: dict[str, list[float]] = {}
     boot_rec: dict[str, list[float]] = {}
-    for _ in range(cfg.bootstrap):
-        idx = rng.integers(0, n_eval, n_eval)
-        r = evaluate_all(idx)
+    for _ in range(rounds):
+        r = metrics(rng.integers(0, n_eval, n_eval))
         for name, m in r["strategies"].items():
             boot_hv.setdefault(name, []).append(m["hypervolume"])
             boot_hvs.setdefault(name, []).append(m["hypervolume_stitches"])
@@ -373,12 +369,29 @@ def summarise(family, models, cfg: QualityConfig, stitches, anchor_list, gamma, 
         boot_hv.setdefault("anchors_only", []).append(r["anchors_only"]["hypervolume"])
         boot_hv.setdefault("ground_truth", []).append(r["ground_truth"]["hypervolume"])
         boot_hvs.setdefault("ground_truth", []).append(r["ground_truth"]["hypervolume_stitches"])
+        klas = r["strategies"]["klas"]
         for name in masks:
             if name != "klas":
-                boot_hv.setdefault(f"klas-minus-{name}", []).append(
-                    r["strategies"]["klas"]["hypervolume"] - r["strategies"][name]["hypervolume"])
+                other = r["strategies"][name]
+                boot_hv.setdefault(f"klas-minus-{name}", []).append(klas["hypervolume"] - other["hypervolume"])
                 boot_hvs.setdefault(f"klas-minus-{name}", []).append(
-                    r["strategies"]["klas"]["hypervolume_stitches"] - r["strategies"][name]["hypervolume_stitches"])
+                    klas["hypervolume_stitches"] - other["hypervolume_stitches"])
+    return boot_hv, boot_hvs, boot_rec
+
+
+def summarise(family, models, cfg: QualityConfig, stitches, anchor_list, gamma, cka_dist, bucket, masks, notes, bits,
+              steps, joint_loss, gt_losses) -> dict:
+    """One family's JSON-ready report: per strategy its selection, front, HV, recovery (with bootstrap CIs)."""
+    gflops = {c.id: c.macs / 1e9 for c in list(stitches) + list(anchor_list)}
+    anchor_ids = [a.src for a in anchor_list]
+    x_lo, x_hi = min(gflops[a] for a in anchor_ids), max(gflops[a] for a in anchor_ids)
+    cheapest = min(anchor_ids, key=lambda a: gflops[a])
+    budgets = [x_lo + q * (x_hi - x_lo) for q in BUDGET_QUANTILES]
+    n_eval = len(next(iter(bits["anchors"].values())))
+
+    metrics = partial(_metrics, bits, stitches, anchor_ids, gflops, cheapest, bucket, masks, (x_lo, x_hi, budgets))
+    full = metrics()
+    boot_hv, boot_hvs, boot_rec = _bootstrap(metrics, masks, n_eval, cfg.bootstrap, cfg.seed)
 
     gt_acc = full["gt_acc"]
     strategies = {}
