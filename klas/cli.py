@@ -203,13 +203,14 @@ def train_cmd(
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
 ) -> None:
     """Build the selected stitches, fine-tune them jointly (SN-Net style) and evaluate every one."""
-    from klas.train import train_run
+    from klas.train import TrainConfig, train_run
 
-    result = train_run(
-        run_dir, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, loss=loss, sampling=sampling, full_tune=full_tune, layer=layer, init=init,
-        resume=resume, overwrite=overwrite, amp=amp, device=device, seed=seed, root=root, console=err,
+    config = TrainConfig(
+        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        loss=loss, sampling=sampling, full_tune=full_tune, layer=layer, init=init, resume=resume,
+        overwrite=overwrite, amp=amp, device=device, seed=seed, root=root,
     )
+    result = train_run(run_dir, config, console=err)
     out.print(result.table())
     out.print(f"results: {result.run_dir / 'results.parquet'}  (next: klas export pareto {result.run_dir})  "
               f"[{result.seconds:.0f} s]")

@@ -132,3 +132,79 @@ def test_budget_below_cheapest_names_it(vit_family):
 def test_bad_selection_settings(args, msg):
     with pytest.raises(KlasError, match=msg):
         check_selection_args(*args)
+
+
+# -- exact counts (select(..., count=K)) ------------------------------------------------------------
+
+
+def test_ratio_to_bucket_best_and_select_by_bucket_share_the_bucket_best():
+    from klas.select import bucket_best, ratio_to_bucket_best
+
+    scores = np.array([2.0, 1.0, 3.0, np.inf, 0.5, 9.0])
+    bucket = np.array([0, 0, 0, 1, 2, -1])
+    best = bucket_best(scores, bucket)
+    assert best[:3].tolist() == [1.0] * 3 and np.isnan(best[3]) and best[4] == 0.5 and np.isnan(best[5])
+    assert ratio_to_bucket_best(scores, bucket).tolist() == [2.0, 1.0, 3.0, np.inf, 1.0, np.inf]
+    assert select_by_bucket(scores, bucket, 1.0).tolist() == [True, True, False, False, True, False]
+
+
+def test_select_count_by_score_is_the_bucket_rule_with_another_tau():
+    from klas.select import select_count_by_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = rng.integers(3, 30)
+        scores = rng.uniform(0.1, 2.0, n)
+        bucket = rng.integers(-1, 5, n)
+        if not (bucket >= 0).any():
+            continue
+        tau = float(rng.uniform(0, 0.9))
+        rule = select_by_bucket(scores, bucket, tau)
+        eq, tau_eff = select_count_by_score(scores, bucket, int(rule.sum()))
+        assert (eq == rule).all() and tau_eff <= tau + 1e-9
+        winners = select_by_bucket(scores, bucket, 0.0)  # bucket winners come first
+        k = int(rng.integers(0, winners.sum() + 1))
+        eq, _ = select_count_by_score(scores, bucket, k)
+        assert eq.sum() == k and (eq <= winners).all()
+        eq, _ = select_count_by_score(scores, bucket, 1000)
+        assert (eq == (bucket >= 0)).all()
+
+
+class _C:
+    def __init__(self, macs):
+        self.macs = macs
+
+
+def test_snnet_count_thins_and_widens():
+    from klas.select import select_snnet_count, spread_pick
+
+    assert spread_pick([(i, float(i)) for i in range(5)], 3) == [0, 2, 4]
+    assert spread_pick([(7, 1.0)], 3) == [7]
+    cands = [_C(m) for m in (10, 20, 30, 40, 50, 60, 70)]
+    level = np.array([0, 0, 0, 1, 1, 2, -1])
+    keep, how = select_snnet_count(cands, level, 3)
+    assert keep.tolist() == [True, True, True, False, False, False, False] and "exactly" in how
+    keep, how = select_snnet_count(cands, level, 2)  # thinned over FLOPs: cheapest and dearest of level 0
+    assert keep.tolist() == [True, False, True, False, False, False, False] and "thinned" in how
+    keep, how = select_snnet_count(cands, level, 4)  # level 1 needed partly
+    assert keep.sum() == 4 and keep[:3].all() and keep[3:5].sum() == 1 and "widened by 1" in how
+    keep, how = select_snnet_count(cands, level, 10)  # never picks level -1
+    assert keep.tolist() == [True] * 6 + [False] and "only 6" in how
+
+
+def test_select_with_count_on_a_real_family(vit_family):
+    from klas.select import snnet_levels
+
+    adapters, profiles = vit_family
+    cands = enumerate_stitches(profiles, "up", "linear")
+    anchor_list = anchors(profiles)
+    rng = np.random.default_rng(0)
+    kw = dict(gamma=rng.uniform(0.1, 2.0, len(cands)), cka_distance=rng.uniform(0, 1, len(cands)), buckets=6, tau=0.05)
+    own, bucket = select("klas", cands, anchor_list, profiles, **kw)
+    k = int(own.sum())
+    for strategy in ("klas", "cka", "snnet", "random"):
+        keep, _ = select(strategy, cands, anchor_list, profiles, count=k, **kw)
+        assert keep.sum() == k and not (keep & (bucket < 0)).any(), strategy
+    assert (select("klas", cands, anchor_list, profiles, count=k, **kw)[0] == own).all()
+    level = snnet_levels(cands, profiles, bucket >= 0)
+    assert ((level == 0) == select("snnet", cands, anchor_list, profiles, **kw)[0]).all()

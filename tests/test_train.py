@@ -28,7 +28,7 @@ from klas.models import LoadedModel, ModelSpec, adapt, data_config_of, profile_a
 from klas.stitch.network import StitchNet, stitch_id, stitch_macs, stitch_params
 from klas.train import parse_loss, read_results, train_run
 from klas.train.checkpoint import checkpoint_path, load_checkpoint
-from klas.train.loop import _stitch_sequence
+from klas.train.core import stitch_sequence as _stitch_sequence
 from klas.utils import sha256_state_dict
 
 # Two small ViTs with the same token grid (4x4 patches of 8 px + cls) and different widths. The timm
@@ -399,3 +399,34 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(fake, tm
             for k, v in state.items():
                 torch.testing.assert_close(b[group][name][k], v, rtol=1e-4, atol=1e-5)
     assert [r["acc_after"] for r in read_results(tmp_path / "one")] == [r["acc_after"] for r in read_results(tmp_path / "two")]
+
+
+def test_train_config_validates_once_and_names_the_flag():
+    from klas.train import TrainConfig
+
+    for kwargs, msg in ((dict(weight_decay=float("nan")), r"--weight-decay must be a finite number >= 0, got nan"),
+                        (dict(lr=float("inf")), r"--lr must be a finite number > 0, got inf"),
+                        (dict(warmup=1.0), r"--warmup .* in \[0, 1\)"), (dict(epochs=1.5), "--epochs"),
+                        (dict(steps_per_epoch=0), "--steps-per-epoch"), (dict(amp="fp32"), "--amp"),
+                        (dict(sampling="greedy"), "--sampling"), (dict(loss="mse"), "unknown loss"),
+                        (dict(full_tune="yes"), "--full-tune")):
+        with pytest.raises(KlasError, match=msg):
+            TrainConfig(**kwargs)
+    with pytest.raises(KlasError, match="unknown training option"):
+        TrainConfig().with_overrides(epoch=3)
+    cfg = TrainConfig(loss="ffm=0.5+ce").resolved(steps_per_epoch=7, layer="linear")
+    assert cfg.loss == "ce=1,ffm=0.5" and cfg.steps_per_epoch == 7
+    assert list(cfg.recipe()) == list(TrainConfig.recipe_keys())
+    assert "resume" not in cfg.recipe() and "device" not in cfg.recipe()
+
+
+def test_train_run_takes_a_config_and_overrides(fake, tmp_path):
+    from klas.train import TrainConfig
+
+    write_selection(tmp_path / "a", fake)
+    res = train_run(tmp_path / "a", TrainConfig(epochs=1, batch_size=32, latency=False, eval_batch_size=100),
+                    console=quiet(), progress=False, steps_per_epoch=2)
+    manifest = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert res.complete and manifest["config"] == res.config
+    assert set(manifest["config"]) == set(TrainConfig.recipe_keys()) | {"world_size", "device", "amp"}
+    assert manifest["config"]["steps_per_epoch"] == 2 and manifest["config"]["layer"] == "linear"

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +26,7 @@ from klas.run import (
     stitch_specs,
 )
 from klas.units import FLOPS_CONVENTION
+from klas.metrics import pareto_front
 
 __all__ = ["EXPORT", "FRONT_FORMAT", "ExportResult", "export_pareto", "pareto_front", "plot_front", "safe_name"]
 FRONT_FORMAT = "klas.front/1"
@@ -37,32 +38,6 @@ CSV_COLUMNS = ("id", "kind", "route", "src", "src_cut", "dst", "dst_cut", "gflop
 
 def _finite(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def pareto_front(points: Iterable[Mapping[str, Any]], cost: str = "gflops", acc: str = "acc_after",
-                 key: str = "id") -> list[dict]:
-    """The points no other point dominates, cheapest first.
-
-    ``q`` dominates ``p`` when ``q[cost] <= p[cost]`` and ``q[acc] >= p[acc]`` with at least one strict.
-    Ties: points with exactly the same cost and accuracy do not dominate each other, so all of them
-    are kept; the result is ordered by (cost, -accuracy, ``key``), independent of the input order.
-    Points whose cost or accuracy is missing or not finite are ignored.
-    """
-    pts = [dict(p) for p in points if _finite(p.get(cost)) and _finite(p.get(acc))]
-    pts.sort(key=lambda p: (p[cost], -p[acc], str(p.get(key))))
-    front: list[dict] = []
-    best = -math.inf  # best accuracy among strictly cheaper points
-    i = 0
-    while i < len(pts):
-        j = i
-        while j < len(pts) and pts[j][cost] == pts[i][cost]:
-            j += 1
-        top = pts[i][acc]  # the group's best (sorted by -acc within a cost)
-        if top > best:
-            front.extend(p for p in pts[i:j] if p[acc] == top)
-            best = top
-        i = j
-    return front
 
 
 def safe_name(identifier: str) -> str:

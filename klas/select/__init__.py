@@ -14,6 +14,10 @@ and are never selected.
   depths an interpolated mapping j = round(i · n_b / n_a); hierarchical models only within the
   same stage (grid), which shape compatibility already guarantees.
 * ``random``: a seeded uniform draw among in-range candidates, as many as ``klas`` picks.
+
+``select(..., count=K)`` brings any strategy to exactly K stitches by its own rule, for comparisons
+at equal count (the quality benchmark): the bucket rules move τ (bucket winners first, then by ratio
+to the bucket's best), SN-Net's configuration is thinned evenly over FLOPs or its window widened.
 """
 from __future__ import annotations
 
@@ -47,18 +51,56 @@ def assign_buckets(macs: np.ndarray, lo: float, hi: float, buckets: int) -> np.n
     return idx
 
 
-def select_by_bucket(scores: np.ndarray, bucket: np.ndarray, tau: float) -> np.ndarray:
-    """In each bucket: the lowest score and all within (1 + τ) of it (scores are >= 0, lower better)."""
-    keep = np.zeros(len(scores), dtype=bool)
+def bucket_best(scores: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+    """Each candidate's bucket's lowest finite score (nan out of range or where a bucket has none),
+    in the scores' own float dtype."""
+    scores, bucket = np.asarray(scores), np.asarray(bucket)
+    best = np.full(len(scores), np.nan, dtype=scores.dtype if scores.dtype.kind == "f" else np.float64)
     for b in np.unique(bucket[bucket >= 0]):
         members = np.flatnonzero(bucket == b)
         vals = scores[members]
         finite = np.isfinite(vals)
-        if not finite.any():
-            continue
-        best = vals[finite].min()
-        keep[members[finite & (vals <= (1.0 + tau) * best + 1e-12)]] = True
-    return keep
+        if finite.any():
+            best[members] = vals[finite].min()
+    return best
+
+
+def ratio_to_bucket_best(scores: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+    """score / its bucket's best score: 1 for bucket winners, inf out of range, for non-finite scores
+    and where the best is 0 (the bucket rule keeps a candidate when this is <= 1 + τ)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    best = bucket_best(scores, bucket)
+    ratio = np.full(len(scores), np.inf)
+    ok = np.isfinite(scores) & np.isfinite(best)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(scores == best, 1.0, np.where(best > 0, scores / best, np.inf))
+    ratio[ok] = r[ok]
+    return ratio
+
+
+def select_by_bucket(scores: np.ndarray, bucket: np.ndarray, tau: float) -> np.ndarray:
+    """In each bucket: the lowest score and all within (1 + τ) of it (scores are >= 0, lower better)."""
+    scores = np.asarray(scores)
+    best = bucket_best(scores, bucket)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(scores) & np.isfinite(best) & (scores <= (1.0 + tau) * best + 1e-12)
+
+
+def select_count_by_score(scores: np.ndarray, bucket: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+    """The bucket rule with τ moved until exactly ``count`` in-range candidates are chosen (fewer
+    only when fewer have a finite score).
+
+    Order: (ratio to the bucket's best, score, index): bucket winners come first, then the others as
+    τ grows. Returns the mask and τ_effective (the largest chosen ratio - 1; nan when none is chosen).
+    """
+    scores, bucket = np.asarray(scores, dtype=np.float64), np.asarray(bucket)
+    ratio = ratio_to_bucket_best(scores, bucket)
+    pool = [i for i in np.flatnonzero(bucket >= 0) if np.isfinite(scores[i])]
+    pool.sort(key=lambda i: (ratio[i], scores[i], i))
+    keep = np.zeros(len(scores), dtype=bool)
+    keep[pool[:count]] = True
+    tau_eff = float(max(ratio[pool[:count]]) - 1.0) if count and pool else float("nan")
+    return keep, tau_eff
 
 
 def select_snnet(cands: Sequence[Candidate], profiles: Mapping[str, Profile], in_range: np.ndarray) -> np.ndarray:
@@ -86,6 +128,65 @@ def select_random(in_range: np.ndarray, count: int, seed: int) -> np.ndarray:
     keep = np.zeros(len(in_range), dtype=bool)
     keep[pick] = True
     return keep
+
+
+def snnet_levels(cands: Sequence[Candidate], profiles: Mapping[str, Profile], in_range: np.ndarray) -> np.ndarray:
+    """How far SN-Net's window must widen to include each candidate: 0 = SN-Net's own rule
+    (:func:`select_snnet`), w = ``|i - j| <= 1 + w`` (equal depths) resp. ``|j - round(i n_b / n_a)| <= w``;
+    -1 = never (not a nearest-size pair, or out of range)."""
+    order = sorted(profiles, key=lambda n: (profiles[n].macs, n))
+    neighbours = set(zip(order, order[1:])) | {(b, a) for a, b in zip(order, order[1:])}
+    level = np.full(len(cands), -1, dtype=np.int64)
+    for k, c in enumerate(cands):
+        if (c.src, c.dst) not in neighbours or not in_range[k]:
+            continue
+        n_a, n_b = profiles[c.src].num_blocks, profiles[c.dst].num_blocks
+        if n_a == n_b:
+            level[k] = max(0, abs((c.src_cut - 1) - (c.dst_cut - 1)) - 1)
+        else:
+            level[k] = abs(c.dst_cut - int(round(c.src_cut * n_b / n_a)))
+    return level
+
+
+def spread_pick(items: Sequence[tuple[int, float]], m: int) -> list[int]:
+    """``m`` of the (index, cost) items spread evenly over cost: ranks round(linspace(0, n-1, m))."""
+    items = sorted(items, key=lambda t: (t[1], t[0]))
+    n = len(items)
+    if m >= n:
+        return [i for i, _ in items]
+    if m <= 0:
+        return []
+    if m == 1:
+        return [items[(n - 1) // 2][0]]
+    ranks = sorted({int(round(r)) for r in np.linspace(0, n - 1, m)})
+    return [items[r][0] for r in ranks]
+
+
+def select_snnet_count(cands: Sequence[Candidate], level: np.ndarray, count: int) -> tuple[np.ndarray, str]:
+    """SN-Net's configuration brought to exactly ``count`` stitches; returns the mask and what was done.
+
+    Too many: thinned to ``count`` spread evenly over FLOPs (:func:`spread_pick`). Too few: the window
+    is widened one step at a time over the same model pairs (:func:`snnet_levels`), the last level
+    needed thinned evenly over FLOPs.
+    """
+    keep = np.zeros(len(cands), dtype=bool)
+    own = int((level == 0).sum())
+    if own == count:
+        keep[level == 0] = True
+        return keep, f"SN-Net's configuration has exactly {count} stitches"
+    if own > count:
+        keep[spread_pick([(i, cands[i].macs) for i in np.flatnonzero(level == 0)], count)] = True
+        return keep, f"SN-Net's configuration has {own} stitches; thinned to {count} spread evenly over FLOPs"
+    w = 0
+    while keep.sum() < count and w <= level.max():
+        members = np.flatnonzero(level == w)
+        need = count - int(keep.sum())
+        keep[members if len(members) <= need else spread_pick([(i, cands[i].macs) for i in members], need)] = True
+        w += 1
+    got = int(keep.sum())
+    return keep, (f"SN-Net's configuration has {own} stitches; window widened by {w - 1} block(s) over the same "
+                  f"nearest-size pairs (last level thinned evenly over FLOPs) to reach {got}"
+                  + ("" if got == count else f" (only {got} exist)"))
 
 
 def check_selection_args(strategy: str, buckets: int, tau: float, budget_gflops: float | None) -> None:
@@ -122,28 +223,41 @@ def select(
     buckets: int = 20,
     tau: float = 0.05,
     seed: int = 0,
+    count: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(selected mask, bucket index) over ``cands`` for one strategy."""
+    """(selected mask, bucket index) over ``cands`` for one strategy.
+
+    ``count``: select exactly that many in-range stitches (when that many exist) instead of each
+    strategy's own count, each by its own rule: ``klas`` / ``cka`` move τ
+    (:func:`select_count_by_score`), ``snnet`` thins or widens its window (:func:`select_snnet_count`),
+    ``random`` draws ``count``.
+    """
     macs = np.array([c.macs for c in cands], dtype=np.float64)
     check_budget(cands, anchors, budget_macs)
     lo, hi = flops_range(cands, anchors, budget_macs)
     bucket = assign_buckets(macs, lo, hi, buckets)
     in_range = bucket >= 0
-    if strategy == "klas":
-        keep = select_by_bucket(np.asarray(gamma), bucket, tau)
-    elif strategy == "cka":
-        keep = select_by_bucket(np.asarray(cka_distance), bucket, tau)
+    scores = {"klas": gamma, "cka": cka_distance}
+    if strategy in scores:
+        if count is None:
+            keep = select_by_bucket(np.asarray(scores[strategy]), bucket, tau)
+        else:
+            keep, _ = select_count_by_score(np.asarray(scores[strategy]), bucket, count)
     elif strategy == "snnet":
-        keep = select_snnet(cands, profiles, in_range)
+        if count is None:
+            keep = select_snnet(cands, profiles, in_range)
+        else:
+            keep, _ = select_snnet_count(cands, snnet_levels(cands, profiles, in_range), count)
     elif strategy == "random":
-        count = int(select_by_bucket(np.asarray(gamma), bucket, tau).sum())
-        keep = select_random(in_range, count, seed)
+        n = int(select_by_bucket(np.asarray(gamma), bucket, tau).sum()) if count is None else count
+        keep = select_random(in_range, n, seed)
     else:
         raise KlasError(f"unknown --strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     return keep & in_range, bucket
 
 
 __all__ = [
-    "STRATEGIES", "assign_buckets", "check_budget", "check_selection_args", "flops_range", "select", "select_by_bucket",
-    "select_random", "select_snnet",
+    "STRATEGIES", "assign_buckets", "bucket_best", "check_budget", "check_selection_args", "flops_range", "ratio_to_bucket_best",
+    "select", "select_by_bucket", "select_count_by_score", "select_random", "select_snnet", "select_snnet_count",
+    "snnet_levels", "spread_pick",
 ]

@@ -1,7 +1,22 @@
-"""Stage 3, ``klas train``: least-squares init and joint fine-tuning of the selected stitches."""
+"""Stage 3, ``klas train``: least-squares init and joint fine-tuning of the selected stitches.
+
+* :class:`TrainConfig` (``klas.train.config``): every option, validated once;
+* the training core (``klas.train.core``): :class:`Objective`, :func:`train_step`, :func:`fit`, reusable
+  by any trainer (the quality benchmark, later ones);
+* :func:`correct_per_image` / :func:`evaluate_all` (``klas.train.evaluate``): the grouped evaluator;
+* :func:`train_run` (``klas.train.loop``): one run of ``klas train``, phase by phase.
+"""
+from klas.train.config import TrainConfig
+from klas.train.core import Objective, fit, init_stitches, make_optimizer, stitch_sequence, teacher_targets, train_step
+from klas.train.data import SplitData, epoch_positions
+from klas.train.evaluate import correct_per_image, evaluate_all
 from klas.run import read_selection
 from klas.train.loop import TrainResult, train_run
 from klas.train.losses import LOSSES, parse_loss
 from klas.train.results import read_results
 
-__all__ = ["LOSSES", "TrainResult", "parse_loss", "read_results", "read_selection", "train_run"]
+__all__ = [
+    "LOSSES", "Objective", "SplitData", "TrainConfig", "TrainResult", "correct_per_image", "epoch_positions",
+    "evaluate_all", "fit", "init_stitches", "make_optimizer", "parse_loss", "read_results", "read_selection",
+    "stitch_sequence", "teacher_targets", "train_run", "train_step",
+]

@@ -1,25 +1,69 @@
-"""Top-1 accuracy of every stitch and anchor on a split, and per-batch latency."""
+"""Top-1 accuracy of many stitches and anchors at once, and per-batch latency.
+
+One grouped evaluator serves ``klas train`` and the benchmarks: :func:`correct_per_image` runs several
+:class:`~klas.stitch.network.StitchNet`\\ s that share their anchor modules over a split, each anchor
+prefix once per batch (:mod:`klas.train.forward`), and returns which images each network got right;
+:func:`evaluate_all` turns that into accuracies, also under ``torch.distributed``.
+"""
 from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
+from klas.optim import autocast
 from klas.stitch.network import StitchNet
 from klas.train.data import SplitData
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """Mixed precision on CUDA only; a no-op context elsewhere."""
-    if amp_dtype is None or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype)
+from klas.train.forward import anchor_outputs, group_outputs, needs_of, target_groups
 
 
 @torch.no_grad()
+def correct_per_image(
+    nets: Mapping[str, tuple[StitchNet, Sequence[str]]],
+    data: SplitData,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    chunk_images: int = 0,
+    positions: Sequence[int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{tag: {id: bool array}}``: per image of ``positions`` (default: the whole split, in order),
+    whether each listed stitch id / anchor name of each ``(net, ids)`` predicts the label.
+
+    All nets must share the same anchor modules; stitches continuing in the same target block run
+    together in chunks of ``chunk_images`` images (0: each network alone, exactly its own forward).
+    """
+    needs = needs_of(nets.values())
+    first = next(iter(nets.values()))[0]
+    plans = {tag: ([i for i in ids if net.is_anchor(i)],
+                   target_groups(net, [i for i in ids if not net.is_anchor(i)], chunk_images, batch_size))
+             for tag, (net, ids) in nets.items()}
+    modes = [net.training for net, _ in nets.values()]
+    for net, _ in nets.values():
+        net.eval()
+    out: dict[str, dict[str, list]] = {tag: {i: [] for i in ids} for tag, (_, ids) in nets.items()}
+    for x, y, _ in data.batches(range(data.n) if positions is None else positions, batch_size, device):
+        with autocast(device, amp_dtype):
+            reps = first.representations(x, needs)
+            for tag, (net, _) in nets.items():
+                anchor_ids, groups = plans[tag]
+                for a in anchor_ids:
+                    out[tag][a].append((anchor_outputs(net, a, reps)[0].argmax(1) == y).cpu())
+                for group in groups:
+                    for i, (logits, _) in zip(group[2], group_outputs(net, group, reps)):
+                        out[tag][i].append((logits.argmax(1) == y).cpu())
+        if on_batch:
+            on_batch(len(y))
+    for (net, _), mode in zip(nets.values(), modes):
+        net.train(mode)
+    return {tag: {i: (torch.cat(v).numpy() if v else np.zeros(0, bool)) for i, v in d.items()} for tag, d in out.items()}
+
+
 def evaluate_all(
     net: StitchNet,
     data: SplitData,
@@ -30,32 +74,23 @@ def evaluate_all(
     amp_dtype: torch.dtype | None = None,
     rank: int = 0,
     world: int = 1,
+    chunk_images: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (a fraction in [0, 1]) of each id (stitch id or anchor name) on ``data``.
 
-    Each batch runs every anchor's prefix once and branches into all stitches from there
-    (:meth:`StitchNet.logits_all`). Under ``torch.distributed`` each rank takes a contiguous share of
-    the split and the counts are summed.
+    Under ``torch.distributed`` each rank takes a contiguous share of the split and the counts are summed.
     """
-    was_training = net.training
-    net.eval()
     lo, hi = rank * data.n // world, (rank + 1) * data.n // world
-    correct = torch.zeros(len(ids), dtype=torch.float64)
-    for x, y, _ in data.batches(range(lo, hi), batch_size, device):
-        with autocast(device, amp_dtype):
-            out = net.logits_all(x, ids)
-        for k, i in enumerate(ids):
-            correct[k] += (out[i].argmax(1) == y).sum().item()
-        if on_batch:
-            on_batch(len(y))
+    bits = correct_per_image({"": (net, ids)}, data, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                             chunk_images=chunk_images, positions=range(lo, hi), on_batch=on_batch)[""]
+    correct = torch.tensor([int(bits[i].sum()) for i in ids], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
         c = correct.to(device)
         dist.all_reduce(c)
         correct = c.cpu()
-    net.train(was_training)
     return {i: float(correct[k] / data.n) for k, i in enumerate(ids)}
 
 
@@ -83,3 +118,6 @@ def measure_latency(
             if k >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
     return float(statistics.median(times))
+
+
+__all__ = ["autocast", "correct_per_image", "evaluate_all", "measure_latency"]

@@ -7,7 +7,6 @@ digits set's own variants. Same seed, machine and torch thread count => same wei
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from rich.progress import Progress, TaskID
 from torch import Tensor, nn
 
+from klas.optim import param_groups, warmup_cosine
 from klas.utils import seed_everything
 
 
@@ -48,27 +48,6 @@ class TrainResult:
     seconds: float  # wall time: model init, optimisation loop and evaluation
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices/kernels only; biases, norms, cls token and position embeddings are left alone."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_lambda(total: int, warmup: int):
-    """Multiplier of the peak lr at step s: linear warmup to 1, then cosine down to 0 at ``total``."""
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return fn
-
-
 @torch.inference_mode()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on x (N, C, H, W), y (N,)."""
@@ -92,13 +71,17 @@ def train_model(
     gen = seed_everything(recipe.seed)
     model = timm.create_model(arch, pretrained=False)
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999), fused=True)
+    # decay matrices / kernels only: not biases, norms, the cls token or position embeddings
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups = param_groups(model, recipe.lr, recipe.weight_decay, skip=skip)
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999), fused=True)
     batch_size = min(recipe.batch_size, len(x))
     steps_per_epoch = len(x) // batch_size  # drop the ragged last batch (BatchNorm, even step cost)
     total = recipe.epochs * steps_per_epoch
     if recipe.max_steps is not None:
         total = min(total, recipe.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, round(recipe.warmup_frac * total))))
+    warm = max(1, round(recipe.warmup_frac * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
     task: TaskID | None = None
     if progress is not None:
         task = progress.add_task(arch, total=total, epoch=0, epochs=recipe.epochs, loss=float("nan"))

@@ -1,0 +1,86 @@
+"""Optimisation helpers shared by every trainer in klas: the learning-rate schedule, AdamW parameter
+groups and the mixed-precision vocabulary.
+
+Low level on purpose: imports torch and :mod:`klas.errors` only, so ``klas.train``, ``klas.zoo``,
+``klas.probes`` and the benchmarks can all use it.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Collection
+
+import torch
+from torch import nn
+
+from klas.errors import KlasError
+
+#: Words every ``--amp`` option accepts.
+AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
+
+
+def warmup_cosine(step: int, total: int, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``total``: linear warm-up from
+    ``1 / warmup_steps`` to 1 over ``warmup_steps`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
+def warmup_steps_of(fraction: float, total: int) -> int:
+    """Warm-up length for a ``fraction`` of ``total`` steps: at least 1 step when ``fraction`` > 0."""
+    return max(1, round(fraction * total)) if fraction > 0 else 0
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's learning rate to its ``base_lr`` (see :func:`param_groups`) times ``factor``."""
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def param_groups(module: nn.Module, lr: float, weight_decay: float, *, skip: Collection[str] = (),
+                 name: str = "params") -> list[dict]:
+    """AdamW groups over ``module``'s trainable parameters: weight decay on matrices and kernels
+    (``ndim >= 2``) only, not on biases and norms nor on the parameter names in ``skip``.
+
+    Each group carries ``lr`` and ``base_lr`` (what :func:`set_lr` scales) and a ``name``
+    (``{name}_decay``, ``{name}_no_decay``); empty groups are left out.
+    """
+    decay, no_decay = [], []
+    for pname, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and pname not in skip else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "base_lr": lr, "lr": lr, "name": f"{name}_decay"},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": lr, "lr": lr, "name": f"{name}_no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def parse_amp(text: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype an ``--amp`` word asks for on ``device``; None = full precision.
+
+    ``auto``: bf16 where the GPU supports it, else fp16; ``bf16`` / ``fp16``; ``off`` (or None).
+    Mixed precision applies on CUDA only: on any other device every word gives None.
+    """
+    if text is None:
+        return None
+    word = str(text).lower()
+    if word not in AMP_CHOICES:
+        raise KlasError(f"unknown --amp {text!r}; use one of {', '.join(AMP_CHOICES)}")
+    if torch.device(device).type != "cuda" or word == "off":
+        return None
+    if word == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if word == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Mixed precision on CUDA only; a no-op context elsewhere."""
+    if amp_dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=amp_dtype)
+
+
+__all__ = ["AMP_CHOICES", "autocast", "param_groups", "parse_amp", "set_lr", "warmup_cosine", "warmup_steps_of"]

@@ -1,0 +1,162 @@
+"""``TrainConfig``: every option of ``klas train``, its documented default, validated once.
+
+The CLI maps its flags one to one onto the fields (``--weight-decay`` -> ``weight_decay``). Fields
+marked ``recipe`` decide the trained weights: they are recorded in ``train.json``'s ``config`` (with
+``steps_per_epoch``, ``layer`` and ``loss`` resolved), hashed into ``results.parquet``'s metadata, and
+must match for ``--resume`` to continue a checkpoint. The rest say how to run (device, I/O, timing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from klas.errors import KlasError
+from klas.fs import DEFAULT_ROOT
+from klas.optim import AMP_CHOICES
+from klas.stitch.init import DEFAULT_INIT_IMAGES, DEFAULT_RIDGE
+from klas.stitch.layers import STITCH_KINDS
+from klas.train.data import DEFAULT_PRELOAD_LIMIT_GB
+from klas.train.losses import loss_string, parse_loss
+
+SAMPLINGS = ("uniform", "bucket")
+INITS = ("ls", "random")
+
+
+def _recipe(default: Any) -> Any:
+    return field(default=default, metadata={"recipe": True})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run (``klas train``); every value is checked in ``__post_init__``.
+
+    * ``epochs`` (5): passes over the probe-train split; ``steps_per_epoch`` (None = ceil(N / global batch)).
+    * ``batch_size`` (64, per process), ``lr`` (1e-3, AdamW, for stitch layers), ``weight_decay`` (0.05, on
+      weight matrices only), ``warmup`` (0.1: fraction of all steps in linear warm-up, then cosine to 0).
+    * ``loss`` ("ce"): ``ce``, ``distill`` (KL to the target model's own logits, label-free), ``ffm``
+      (MSE to its pre-logits features, label-free) or weighted sums like ``"ce=1,ffm=0.5"``.
+    * ``sampling`` ("uniform" | "bucket"): which stitch each step trains.
+    * ``full_tune`` (False): also fine-tune the anchors, at ``anchor_lr_scale`` (0.1) x ``lr``.
+    * ``layer`` (None = the selection's, else "linear"): stitch layer kind, "linear" or "mlp".
+    * ``init`` ("ls" | "random"), ``init_images`` (100) and ``ridge`` (1e-4, relative) for the least-squares fit.
+    * ``temperature`` (1.0) for ``distill``; ``seed`` (0): every random choice derives from it.
+    * ``resume`` (False): continue ``checkpoints/last.pt`` (same selection and recipe required);
+      ``overwrite`` (False): start over although a checkpoint exists; ``stop_after`` (None): return after
+      this many epochs of this invocation, leaving a checkpoint to resume.
+    * ``eval_batch_size`` (256); ``latency`` (True), ``latency_batch`` (64), ``latency_repeats`` (5).
+    * ``amp`` ("auto": bf16, else fp16, on CUDA; never on CPU; see :func:`klas.optim.parse_amp`),
+      ``device`` (None = CUDA when present), ``root`` (klas cache root, for demo weights and data),
+      ``preload_limit_gb`` (2.0), ``workers`` (0, DataLoader workers when a split is streamed).
+    """
+
+    epochs: int = _recipe(5)
+    steps_per_epoch: int | None = _recipe(None)
+    batch_size: int = _recipe(64)
+    lr: float = _recipe(1e-3)
+    weight_decay: float = _recipe(0.05)
+    warmup: float = _recipe(0.1)
+    loss: str = _recipe("ce")
+    sampling: str = _recipe("uniform")
+    full_tune: bool = _recipe(False)
+    anchor_lr_scale: float = _recipe(0.1)
+    layer: str | None = _recipe(None)
+    init: str = _recipe("ls")
+    init_images: int = _recipe(DEFAULT_INIT_IMAGES)
+    ridge: float = _recipe(DEFAULT_RIDGE)
+    temperature: float = _recipe(1.0)
+    seed: int = _recipe(0)
+    resume: bool = False
+    overwrite: bool = False
+    stop_after: int | None = None
+    eval_batch_size: int = 256
+    latency: bool = True
+    latency_batch: int = 64
+    latency_repeats: int = 5
+    amp: str = "auto"
+    device: str | None = None
+    root: Path = DEFAULT_ROOT
+    preload_limit_gb: float = DEFAULT_PRELOAD_LIMIT_GB
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "init_images", "eval_batch_size", "latency_batch", "latency_repeats"):
+            self._int(name, minimum=1)
+        for name in ("steps_per_epoch", "stop_after"):
+            if getattr(self, name) is not None:
+                self._int(name, minimum=1)
+        self._int("seed", minimum=None)
+        self._int("workers", minimum=0)
+        self._number("lr", "> 0", lambda v: v > 0)
+        self._number("weight_decay", ">= 0", lambda v: v >= 0)
+        self._number("warmup", "in [0, 1)", lambda v: 0 <= v < 1)
+        self._number("anchor_lr_scale", "> 0", lambda v: v > 0)
+        self._number("temperature", "> 0", lambda v: v > 0)
+        self._number("ridge", ">= 0", lambda v: v >= 0)
+        self._number("preload_limit_gb", ">= 0", lambda v: v >= 0)
+        self._choice("sampling", SAMPLINGS)
+        self._choice("init", INITS)
+        self._choice("amp", AMP_CHOICES)
+        if self.layer is not None:
+            self._choice("layer", STITCH_KINDS)
+        for name in ("full_tune", "resume", "overwrite", "latency"):
+            if not isinstance(getattr(self, name), bool):
+                raise KlasError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        parse_loss(self.loss)  # a KlasError naming the bad term
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- validation helpers -----------------------------------------------------------------------
+    def _int(self, name: str, minimum: int | None) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (minimum is not None and v < minimum):
+            what = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise KlasError(f"{_flag(name)} must be {what}, got {v!r}")
+        object.__setattr__(self, name, int(v))
+
+    def _number(self, name: str, rule: str, ok) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
+            raise KlasError(f"{_flag(name)} must be a finite number {rule}, got {v!r}")
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
+        v = getattr(self, name)
+        if v not in choices:
+            raise KlasError(f"unknown {_flag(name)} {v!r}; use one of {', '.join(choices)}")
+
+    # -- derived ----------------------------------------------------------------------------------
+    @classmethod
+    def recipe_keys(cls) -> tuple[str, ...]:
+        """Fields that decide the trained weights: recorded, hashed, and compared on ``--resume``."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("recipe"))
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """``loss`` parsed (:func:`klas.train.losses.parse_loss`)."""
+        return parse_loss(self.loss)
+
+    def resolved(self, *, steps_per_epoch: int, layer: str) -> "TrainConfig":
+        """This config with the run's defaults filled in and the loss spelled canonically."""
+        return dataclasses.replace(self, steps_per_epoch=steps_per_epoch, layer=layer,
+                                   loss=loss_string(self.loss_weights))
+
+    def recipe(self) -> dict[str, Any]:
+        """The ``recipe`` fields as a dict (call on a :meth:`resolved` config for the manifest)."""
+        return {k: getattr(self, k) for k in self.recipe_keys()}
+
+    def with_overrides(self, **overrides: Any) -> "TrainConfig":
+        """A copy with some fields replaced (validated again); unknown names are a KlasError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise KlasError(f"unknown training option(s) {', '.join(unknown)}; TrainConfig has {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+__all__ = ["INITS", "SAMPLINGS", "TrainConfig"]
