@@ -189,7 +189,8 @@ def open_cache(path: Path | str, verify: bool = False) -> Cache:
     manifest = read_json(manifest_path, "cache manifest")
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != FORMAT:
-        what = f"format {fmt}, not {FORMAT}" if isinstance(fmt, str) and fmt.startswith("klas.cache/") else f"not a {FORMAT} manifest"
+        older = isinstance(fmt, str) and fmt.startswith("klas.cache/")
+        what = f"format {fmt} of an older klas, without file checksums" if older else f"not a {FORMAT} manifest"
         raise KlasError(f"{manifest_path} is {what}; re-run the klas cache command with --overwrite")
     cache = Cache(path, manifest)
     cache.verify(full=verify)
