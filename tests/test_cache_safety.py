@@ -23,6 +23,7 @@ from klas.cli import main
 from klas.data import resolve_workers
 from klas.errors import KlasError
 from klas.fs import DirLock, claim_dir
+from klas.utils import sha256_json
 
 MODEL = "resnet10t"
 KW = dict(random_init=True, limit=24, batch_size=8, preprocess={"input_size": [3, 32, 32]}, progress=False)
@@ -115,19 +116,36 @@ def test_overwrite_never_deletes_a_directory_klas_did_not_create(make, tmp_path,
     assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
 
 
-def test_overwrite_rebuilds_an_old_format_cache(tmp_path, ref, one_thread):
-    old = copy_of(ref, tmp_path / "old")
-    (old / ".klas-dir.json").unlink()  # written before klas marked its directories
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format"] = "klas.cache/1"
-    del manifest["files"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(KlasError, match=r"format klas.cache/1 .*--overwrite"):
-        open_cache(old)
+def _as_format_1(cache: Path, same_config: bool) -> None:
+    """Turn a cache into what klas wrote before format 2: no marker, no ``files``, the /1 fingerprint."""
+    (cache / ".klas-dir.json").unlink()
+    m = json.loads((cache / "manifest.json").read_text())
+    if same_config:
+        m["fingerprint"] = sha256_json({
+            "format": "klas.cache/1",
+            "models": [[x["spec"], x["weights_sha256"]] for x in m["models"]],
+            "data": {k: m["data"][k] for k in ("fingerprint", "seed", "fractions", "limit", "preprocess")},
+            "splits": list(m["splits"]),
+            "amp": m["amp"],
+        })
+    m["format"] = "klas.cache/1"
+    del m["files"]
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+def test_an_old_format_cache_is_rebuilt_only_when_it_is_the_same_configuration(tmp_path, ref, one_thread):
+    other = copy_of(ref, tmp_path / "other")
+    _as_format_1(other, same_config=False)
+    with pytest.raises(KlasError, match=r"format klas.cache/1 of an older klas.*--overwrite"):
+        open_cache(other)
     with pytest.raises(KlasError, match=r"format klas.cache/1 of an older klas.*pass --overwrite"):
-        build_cache([MODEL], "digits", old, root=ref.parent, **KW)
-    summary = build_cache([MODEL], "digits", old, root=ref.parent, overwrite=True, **KW)
-    assert summary.status == "written" and open_cache(old).manifest["format"] == "klas.cache/2"
+        build_cache([MODEL], "digits", other, root=ref.parent, **KW)
+    assert build_cache([MODEL], "digits", other, root=ref.parent, overwrite=True, **KW).status == "written"
+    same = copy_of(ref, tmp_path / "same")
+    _as_format_1(same, same_config=True)
+    assert build_cache([MODEL], "digits", same, root=ref.parent, **KW).status == "written"  # no --overwrite needed
+    for cache in (other, same):
+        assert open_cache(cache, verify=True).manifest["format"] == "klas.cache/2"
 
 
 # -- 2. integrity of the arrays ---------------------------------------------------------------------------
@@ -179,8 +197,11 @@ def test_verify_finds_a_change_that_kept_size_and_mtime(ref, tmp_path, monkeypat
         open_cache(bad, verify=True)
     msg = refused(monkeypatch, capsys, "cache", "--verify", "--out", str(bad))
     assert "probe-train/labels.npy changed" in msg
-    code, _ = klas(monkeypatch, capsys, "cache", "--verify", "--out", str(copy_of(ref, tmp_path / "fine")))
+    fine = copy_of(ref, tmp_path / "fine")
+    code, _ = klas(monkeypatch, capsys, "cache", "--verify", "--out", str(fine))
     assert code == 0
+    summary = build_cache([MODEL], "digits", fine, root=ref.parent, verify=True, **KW)
+    assert summary.status == "up to date, verified" and summary.images == 0
 
 
 # -- 3. non-finite results ---------------------------------------------------------------------------------

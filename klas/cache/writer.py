@@ -60,7 +60,7 @@ class CacheSummary:
     rows: list[dict] = field(default_factory=list)  # per model: name, blocks, gflops, images, bytes
     images: int = 0  # images run through the models in this call (0 when already complete)
     seconds: float = 0.0
-    status: str = "written"  # "written" | "resumed" | "up to date"
+    status: str = "written"  # "written" | "resumed" | "up to date" | "up to date, verified" | "verified" | "shard"
 
 
 def feature_columns(loaded: LoadedModel) -> list[dict[str, list[int]]]:
@@ -108,9 +108,13 @@ class _Job:
         return torch.autocast("cpu", enabled=False)
 
 
-def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], amp: str | None) -> str:
+#: Older formats whose caches of the same configuration are rebuilt without --overwrite (derived data only).
+UPGRADES = ("klas.cache/1",)
+
+
+def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], amp: str | None, fmt: str = FORMAT) -> str:
     return sha256_json({
-        "format": FORMAT,
+        "format": fmt,
         "models": [[str(m.spec), m.weights_sha256] for m in loaded],
         "data": {k: data[k] for k in ("fingerprint", "seed", "fractions", "limit", "preprocess")},
         "splits": list(splits),
@@ -196,13 +200,20 @@ def _read_dict(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _existing(out: Path, fingerprint: str, batch_size: int) -> tuple[str, str]:
-    """What ``out`` holds: ("empty" | "up to date" | "resumed" | "other", why "other" needs --overwrite)."""
+def _existing(out: Path, fingerprints: dict[str, str], batch_size: int) -> tuple[str, str]:
+    """What ``out`` holds: ("empty" | "up to date" | "resumed" | "other", why "other" needs --overwrite).
+
+    ``fingerprints`` maps each format to this configuration's fingerprint in it; a cache of the same
+    configuration in an older format counts as "empty" (rebuilt in the current format).
+    """
     manifest, state = out / MANIFEST, out / STATE
+    fingerprint = fingerprints[FORMAT]
     if manifest.is_file():
         old = _read_dict(manifest)
         if old is None:
             return "other", f"{out} holds an unreadable cache manifest; pass --overwrite to rebuild the cache"
+        if old.get("format") != FORMAT and old.get("fingerprint") == fingerprints.get(old.get("format")):
+            return "empty", ""
         if old.get("format") != FORMAT:
             return "other", (f"{out} holds a cache in format {old.get('format')} of an older klas, without file "
                              f"checksums; pass --overwrite to rebuild it as {FORMAT}")
@@ -223,13 +234,13 @@ def _existing(out: Path, fingerprint: str, batch_size: int) -> tuple[str, str]:
     return "empty", ""
 
 
-def _prepare_dir(out: Path, fingerprint: str, batch_size: int, overwrite: bool) -> str:
+def _prepare_dir(out: Path, fingerprints: dict[str, str], batch_size: int, overwrite: bool) -> str:
     """Decide between "written" (cleared for a fresh start), "resumed" and "up to date".
 
     Another configuration's files are refused unless --overwrite; even then only a directory klas
     owns is cleared (:func:`klas.fs.clear_dir`).
     """
-    kind, why = _existing(out, fingerprint, batch_size)
+    kind, why = _existing(out, fingerprints, batch_size)
     if kind in ("up to date", "resumed") and not overwrite:
         return kind
     if kind == "other" and not overwrite:
@@ -407,15 +418,18 @@ def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
         "fractions": [0.6, 0.2, 0.2],
         "limit": req.limit,
     }
-    fingerprint = _fingerprint(loaded, data_info, req.splits, req.amp)
+    fingerprints = {fmt: _fingerprint(loaded, data_info, req.splits, req.amp, fmt) for fmt in (FORMAT, *UPGRADES)}
+    fingerprint = fingerprints[FORMAT]
     if rank == 0:
-        status = _prepare_dir(out, fingerprint, req.batch_size, req.overwrite)
+        status = _prepare_dir(out, fingerprints, req.batch_size, req.overwrite)
         _start_files(out, status, fingerprint, req.batch_size, split_defs, loaded, widths)
     dist_barrier()
     if rank != 0:
         status = "up to date" if (out / MANIFEST).is_file() else "shard"
     if status == "up to date":
-        return _summary(open_cache(out, verify=req.verify), 0, 0.0, status) if rank == 0 else CacheSummary(out, status="shard")
+        if rank != 0:
+            return CacheSummary(out, status="shard")
+        return _summary(open_cache(out, verify=req.verify), 0, 0.0, "up to date, verified" if req.verify else status)
     job = _Job(out, source, loaded, build_transform(config), req.device, req.amp, req.batch_size, req.workers, rank, world)
     images = _compute(job, split_defs, console, progress)
     dist_barrier()
