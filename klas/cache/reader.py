@@ -51,7 +51,11 @@ class Cache:
 
     def verify(self, full: bool = False) -> None:
         """Check every array against the manifest (size and mtime; sha256 when ``full`` or the mtime moved)."""
-        verify_files(self.path, self.manifest["files"], full=full)
+        files = self.manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(r, dict) and {"size", "mtime_ns", "sha256"} <= r.keys()
+                                                  for r in files.values()):
+            raise KlasError(f"manifest of cache {self.path} has no valid file list; re-run the klas cache command with --overwrite")
+        verify_files(self.path, files, full=full)
 
     # -- identity -------------------------------------------------------------------------------
     @property
