@@ -76,33 +76,45 @@ def zoo(
 
 @app.command()
 def cache(
-    model: List[str] = typer.Option(..., "--model", "-m", help="timm name (pretrained), NAME=weights.safetensors|.pth, or a demo model (klas_vit_ti, ...). Repeat for k models."),
-    data: str = typer.Option(..., "--data", help="An ImageFolder directory (one sub-folder per class) or 'digits'."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: cache/<models joined by +>)."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="timm name (pretrained), NAME=weights.safetensors|.pth, or a demo model (klas_vit_ti, ...). Repeat for k models."),
+    data: Optional[str] = typer.Option(None, "--data", help="An ImageFolder directory (one sub-folder per class) or 'digits'."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: cache/<models joined by +>); new, empty or a klas cache."),
     split: str = typer.Option("probe-train,score,eval", help="Comma-separated splits to cache."),
     limit: Optional[int] = typer.Option(None, help="Keep at most N images per split."),
     random_init: bool = typer.Option(False, "--random-init", help="Untrained, seeded weights (no download)."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    workers: str = typer.Option("auto", "--workers", help="DataLoader worker processes: auto (min(8, CPUs) on CUDA, 0 on CPU) or a number."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     amp: Optional[str] = typer.Option(None, help="Mixed precision on CUDA: bf16 or fp16."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Override the shared preprocessing's image size (square)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache of another configuration."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a klas cache of another configuration (never a directory klas did not create)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file of a finished cache by sha256; alone with --out, only check."),
     seed: int = typer.Option(0, help="Seed of the split assignment."),
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
 ) -> None:
     """Run k models once over the calibration images; store per-block pooled features and logits."""
-    from klas.cache import build_cache
+    from klas.cache import build_cache, check_cache
 
+    if verify and not model and data is None:
+        if out_dir is None:
+            raise KlasError("--verify alone checks an existing cache: pass --out CACHE_DIR")
+        return _print_cache(check_cache(out_dir))
+    if data is None:
+        raise KlasError("no data given; pass --data DIR (an ImageFolder directory) or --data digits")
+    model = model or []
     target = out_dir or root / "+".join(m.split("=")[0] for m in model)
-    pre = {"input_size": [3, input_size, input_size]} if input_size else None
+    pre = {"input_size": [3, input_size, input_size]} if input_size is not None else None
     summary = build_cache(
         model, data, target, splits=[s.strip() for s in split.split(",") if s.strip()], limit=limit,
         random_init=random_init, batch_size=batch_size, workers=workers, device=device, amp=amp,
-        overwrite=overwrite, seed=seed, root=root, preprocess=pre, console=err,
+        overwrite=overwrite, verify=verify, seed=seed, root=root, preprocess=pre, console=err,
     )
-    if summary.status == "shard":
-        return
+    if summary.status != "shard":
+        _print_cache(summary)
+
+
+def _print_cache(summary) -> None:
+    """The per-model table of a cache (and the throughput when images were computed)."""
     table = Table(title=f"cache {summary.path} ({summary.status})", caption=FLOPS_CONVENTION)
     for col in ("model", "blocks", "GFLOPs", "images", "written"):
         table.add_column(col, justify="left" if col == "model" else "right")

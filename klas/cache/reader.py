@@ -1,18 +1,45 @@
 """Read a finished cache: memory-mapped features, logits, labels, and the models it was made with."""
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from klas.cache.integrity import verify_files
 from klas.errors import KlasError
 from klas.models import LoadedModel, Profile, load_model, parse_spec
 from klas.utils import DEFAULT_ROOT, read_json
 
-FORMAT = "klas.cache/1"
+#: Manifest format; /2 added ``files`` (per-array size, mtime and sha256). /1 caches are refused.
+FORMAT = "klas.cache/2"
 MANIFEST = "manifest.json"
 STATE = ".klas-cache-state.json"  # present while a cache is being written
+
+
+def array_paths(splits, model_names) -> list[str]:
+    """Every array of a cache, relative to its directory, in a fixed order."""
+    paths = []
+    for s in splits:
+        paths += [f"{s}/ids.npy", f"{s}/labels.npy"]
+        paths += [f"{s}/{m}/{f}" for m in model_names for f in ("features.npy", "logits.npy")]
+    return paths
+
+
+def recognise_cache(path: Path) -> str | None:
+    """``"cache"`` for a cache directory written before klas marked its directories, else None.
+
+    Such a directory holds a klas cache manifest (any ``klas.cache/N`` format) or the state file of a
+    cache being written.
+    """
+    if (path / STATE).is_file():
+        return "cache"
+    try:
+        fmt = json.loads((path / MANIFEST).read_text()).get("format", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "cache" if isinstance(fmt, str) and fmt.startswith("klas.cache/") else None
 
 
 class Cache:
@@ -21,6 +48,14 @@ class Cache:
     def __init__(self, path: Path, manifest: dict) -> None:
         self.path = Path(path)
         self.manifest = manifest
+
+    def verify(self, full: bool = False) -> None:
+        """Check every array against the manifest (size and mtime; sha256 when ``full`` or the mtime moved)."""
+        files = self.manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(r, dict) and {"size", "mtime_ns", "sha256"} <= r.keys()
+                                                  for r in files.values()):
+            raise KlasError(f"manifest of cache {self.path} has no valid file list; re-run the klas cache command with --overwrite")
+        verify_files(self.path, files, full=full)
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -140,15 +175,36 @@ class Cache:
         return SplitDataset(self.source(root), self.split(split), self.transform())
 
 
-def open_cache(path: Path | str) -> Cache:
-    """Open a complete cache, or fail with a message saying how to make or finish it."""
+def open_cache(path: Path | str, verify: bool = False) -> Cache:
+    """Open a complete cache, or fail with a message saying how to make or finish it.
+
+    Every array is checked against the manifest: cheaply (sizes and mtimes, hashing only files whose
+    mtime changed) by default, by full sha256 with ``verify=True``. A changed file is refused.
+    """
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         if (path / STATE).is_file():
+            why = _state_error(path)
+            if why:
+                raise KlasError(f"cache {path} is unfinished: {why}")
             raise KlasError(f"cache {path} is incomplete (interrupted?); re-run the same klas cache command to finish it")
         raise KlasError(f"no cache at {path}; create one with: klas cache --model A --model B --data DIR --out {path}")
     manifest = read_json(manifest_path, "cache manifest")
-    if manifest.get("format") != FORMAT:
-        raise KlasError(f"{manifest_path} is not a {FORMAT} manifest; re-run klas cache with --overwrite")
-    return Cache(path, manifest)
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
+        older = isinstance(fmt, str) and fmt.startswith("klas.cache/")
+        what = f"format {fmt} of an older klas, without file checksums" if older else f"not a {FORMAT} manifest"
+        raise KlasError(f"{manifest_path} is {what}; re-run the klas cache command with --overwrite")
+    cache = Cache(path, manifest)
+    cache.verify(full=verify)
+    return cache
+
+
+def _state_error(path: Path) -> str | None:
+    """The error a failed build recorded in its state file, if any."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("error") if isinstance(state, dict) else None

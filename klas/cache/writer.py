@@ -12,36 +12,41 @@ Atomicity: ``manifest.json`` is written last, with ``os.replace``; until then a 
 directory as partial and per-rank progress files list the finished batches. A batch's rows are
 flushed before it is recorded as finished, so a kill at any moment loses at most the batch in flight.
 Batches are fixed by (split, batch size), so every image is computed in the same batch whether the
-run was interrupted, resumed or sharded; the result is identical to an uninterrupted run.
+run was interrupted, resumed or sharded; the result is identical to an uninterrupted run. Progress
+files are replaced atomically, and a damaged one counts as "no batches done" (they are recomputed).
+
+Safety: ``--out`` must be new, empty or a klas cache (:func:`klas.fs.claim_dir`); ``--overwrite``
+clears only such a directory (:func:`klas.fs.clear_dir`), never a user's. Rank 0 holds a
+:class:`klas.fs.DirLock` on it for the whole build. A batch with NaN or inf in any model's float16
+features or logits stops the build with the model's name, recorded in the state file. The manifest
+records every array's size, mtime and sha256 (:mod:`klas.cache.integrity`); ``open_cache`` checks them.
 """
 from __future__ import annotations
 
+import json
 import math
+import numbers
+import re
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from klas.cache.reader import FORMAT, MANIFEST, STATE, Cache, open_cache
+from klas.cache.integrity import VERIFIED, record_files
+from klas.cache.reader import FORMAT, MANIFEST, STATE, Cache, array_paths, open_cache, recognise_cache
 from klas.errors import KlasError
-from klas.models import LoadedModel, load_model, parse_spec
-from klas.utils import (
-    DEFAULT_ROOT,
-    check_free_space,
-    dist_barrier,
-    dist_rank_world,
-    package_versions,
-    read_json,
-    resolve_device,
-    sha256_json,
-    write_json_atomic,
+from klas.fs import (
+    LOCK, MARKER, DirLock, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir, write_json_atomic,
 )
+from klas.models import LoadedModel, ModelSpec, load_model, parse_spec
+from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
 
 PROGRESS_DIR = ".progress"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,7 +60,7 @@ class CacheSummary:
     rows: list[dict] = field(default_factory=list)  # per model: name, blocks, gflops, images, bytes
     images: int = 0  # images run through the models in this call (0 when already complete)
     seconds: float = 0.0
-    status: str = "written"  # "written" | "resumed" | "up to date"
+    status: str = "written"  # "written" | "resumed" | "up to date" | "up to date, verified" | "verified" | "shard"
 
 
 def feature_columns(loaded: LoadedModel) -> list[dict[str, list[int]]]:
@@ -82,9 +87,34 @@ def pooled_forward(adapter, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([p.float() for p in parts], dim=1), logits.float()
 
 
-def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], amp: str | None) -> str:
+@dataclass
+class _Job:
+    """What the forward passes of one ``build_cache`` call share."""
+
+    out: Path
+    source: Any
+    loaded: list[LoadedModel]
+    transform: Callable
+    device: torch.device
+    amp: str | None
+    batch_size: int
+    workers: int
+    rank: int
+    world: int
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=AMP_DTYPES[self.amp])
+        return torch.autocast("cpu", enabled=False)
+
+
+#: Older formats whose caches of the same configuration are rebuilt without --overwrite (derived data only).
+UPGRADES = ("klas.cache/1",)
+
+
+def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], amp: str | None, fmt: str = FORMAT) -> str:
     return sha256_json({
-        "format": FORMAT,
+        "format": fmt,
         "models": [[str(m.spec), m.weights_sha256] for m in loaded],
         "data": {k: data[k] for k in ("fingerprint", "seed", "fractions", "limit", "preprocess")},
         "splits": list(splits),
@@ -92,47 +122,183 @@ def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], a
     })
 
 
-def _prepare_dir(out: Path, fingerprint: str, batch_size: int, overwrite: bool) -> str:
-    """Decide between fresh / resume / up to date; refuse another configuration's files."""
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _check_options(
+    models: Sequence[str], splits: Sequence[str] | None, batch_size: int, limit: int | None, preprocess: dict | None
+) -> tuple[list[ModelSpec], list[str]]:
+    """Refuse bad arguments before anything is loaded or written: one message per option, naming the value."""
+    from klas.data import SPLITS
+
+    splits = list(dict.fromkeys(SPLITS if splits is None else splits))
+    if not splits:
+        raise KlasError(f"--split is empty; give one or more of {', '.join(SPLITS)}, comma-separated")
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise KlasError(f"unknown split {', '.join(map(repr, bad))}; choose from {', '.join(SPLITS)}")
+    if not _whole(batch_size, 1):
+        raise KlasError(f"--batch-size must be a positive whole number, got {batch_size!r}")
+    if limit is not None and not _whole(limit, 1):
+        raise KlasError(f"--limit must be a positive whole number of images per split, got {limit!r}")
+    size = (preprocess or {}).get("input_size")
+    if size is not None and not all(_whole(v, 1) for v in size):
+        raise KlasError(f"--input-size must be a positive whole number of pixels, got {list(size)[-1]!r}")
+    if not models:
+        raise KlasError("no models given; pass --model NAME at least once")
+    specs = [parse_spec(m) for m in models]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise KlasError(f"model {max(names, key=names.count)} given twice; each --model must be a different architecture")
+    return specs, splits
+
+
+def _device(device: str | None, amp: str | None, rank: int, world: int) -> torch.device:
+    """The device this rank computes on; --amp only with CUDA."""
+    dev = resolve_device(device)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    if amp is not None:
+        if amp not in AMP_DTYPES:
+            raise KlasError(f"unknown --amp {amp!r}; use bf16 or fp16")
+        if dev.type != "cuda":
+            raise KlasError("--amp needs a CUDA device; drop --amp on CPU")
+    return dev
+
+
+def _check_root(root: Path, data: str, specs: Sequence[ModelSpec], random_init: bool) -> None:
+    """Fail at once when this build must write under --root (digits images, demo weights) and cannot."""
+    from klas.data.digits import DigitsConfig, digits_cache_path
+    from klas.zoo import is_zoo_model, stale_models, zoo_dir
+
+    zoo = [s.arch for s in specs if s.path is None and is_zoo_model(s.arch)] if not random_init else []
+    if str(data) == "digits" and not digits_cache_path(root, DigitsConfig()).is_file():
+        ensure_writable_dir(root, "--root")
+    if zoo and stale_models(root, zoo):
+        ensure_writable_dir(root, "--root")
+        ensure_writable_dir(zoo_dir(root), "--root")
+
+
+def _load_models(specs, preprocess, random_init, root, dev, seed) -> tuple[list[LoadedModel], dict]:
+    """Load every model at the shared input size; the preprocessing is the first model's, overridden."""
+    first = load_model(specs[0], random_init=random_init, root=root, device=dev, seed=seed)
+    config = {**first.data_config, **(preprocess or {})}
+    size = tuple(config["input_size"])
+    if size != tuple(first.data_config["input_size"]):
+        first = load_model(specs[0], random_init=random_init, root=root, device=dev, seed=seed, input_size=size)
+    rest = [load_model(s, random_init=random_init, root=root, device=dev, seed=seed, input_size=size) for s in specs[1:]]
+    return [first, *rest], config
+
+
+def _read_dict(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _existing(out: Path, fingerprints: dict[str, str], batch_size: int) -> tuple[str, str]:
+    """What ``out`` holds: ("empty" | "up to date" | "resumed" | "other", why "other" needs --overwrite).
+
+    ``fingerprints`` maps each format to this configuration's fingerprint in it; a cache of the same
+    configuration in an older format counts as "empty" (rebuilt in the current format).
+    """
     manifest, state = out / MANIFEST, out / STATE
+    fingerprint = fingerprints[FORMAT]
     if manifest.is_file():
-        old = read_json(manifest, "cache manifest").get("fingerprint")
-        if old == fingerprint and not overwrite:
-            return "up to date"
-        if not overwrite:
-            raise KlasError(
-                f"{out} holds a cache of another configuration (models, weights, data or splits differ); "
-                "choose another --out or pass --overwrite"
-            )
-    elif state.is_file():
-        old = read_json(state, "cache state")
-        if old.get("fingerprint") == fingerprint and old.get("batch_size") == batch_size and not overwrite:
-            return "resumed"
-        if not overwrite:
-            what = "batch size" if old.get("fingerprint") == fingerprint else "configuration"
-            raise KlasError(
-                f"{out} holds a partial cache of another {what}; re-run the original command to finish it "
-                "or pass --overwrite to start again"
-            )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise KlasError(f"{out} exists and is not a klas cache; choose another --out or pass --overwrite")
-    if out.exists():
-        shutil.rmtree(out)
+        old = _read_dict(manifest)
+        if old is None:
+            return "other", f"{out} holds an unreadable cache manifest; pass --overwrite to rebuild the cache"
+        if old.get("format") != FORMAT and old.get("fingerprint") == fingerprints.get(old.get("format")):
+            return "empty", ""
+        if old.get("format") != FORMAT:
+            return "other", (f"{out} holds a cache in format {old.get('format')} of an older klas, without file "
+                             f"checksums; pass --overwrite to rebuild it as {FORMAT}")
+        if old.get("fingerprint") == fingerprint:
+            return "up to date", ""
+        return "other", (f"{out} holds a cache of another configuration (models, weights, data or splits differ); "
+                         "choose another --out or pass --overwrite")
+    if state.is_file():
+        old = _read_dict(state) or {}
+        if old.get("fingerprint") == fingerprint and old.get("batch_size") == batch_size:
+            return ("resumed" if old.get("ready") else "empty"), ""
+        what = "batch size" if old.get("fingerprint") == fingerprint else "configuration"
+        return "other", (f"{out} holds a partial cache of another {what}; re-run the original command to finish it "
+                         "or pass --overwrite to start again")
+    leftovers = sorted(p.name for p in out.iterdir() if p.name not in (MARKER, LOCK, VERIFIED))
+    if leftovers:
+        return "other", f"{out} holds files of an unfinished klas cache ({leftovers[0]}); pass --overwrite to clear them"
+    return "empty", ""
+
+
+def _prepare_dir(out: Path, fingerprints: dict[str, str], batch_size: int, overwrite: bool) -> str:
+    """Decide between "written" (cleared for a fresh start), "resumed" and "up to date".
+
+    Another configuration's files are refused unless --overwrite; even then only a directory klas
+    owns is cleared (:func:`klas.fs.clear_dir`).
+    """
+    kind, why = _existing(out, fingerprints, batch_size)
+    if kind in ("up to date", "resumed") and not overwrite:
+        return kind
+    if kind == "other" and not overwrite:
+        raise KlasError(why)
+    (out / MANIFEST).unlink(missing_ok=True)  # first: a half-cleared directory must never look complete
+    clear_dir(out, "cache")
     return "written"
+
+
+def _write_state(out: Path, fingerprint: str, batch_size: int, ready: bool, error: str | None = None) -> None:
+    """The state file of an unfinished cache; ``ready`` once every array file exists at full size."""
+    state = {"fingerprint": fingerprint, "batch_size": batch_size, "ready": ready}
+    write_json_atomic(out / STATE, {**state, **({"error": error} if error else {})})
+
+
+def _fail(job: _Job, message: str) -> None:
+    """Record why the build stopped in the state file (rank 0; open_cache shows it), then raise it."""
+    state = _read_dict(job.out / STATE) if job.rank == 0 else None
+    if state is not None:
+        write_json_atomic(job.out / STATE, {**state, "error": message})
+    raise KlasError(message)
+
+
+def _non_finite(model: str, split: str, amp: str | None) -> str:
+    why = ("its weights hold NaN/inf, or its activations overflow float16 under --amp fp16: check the weights "
+           "or use --amp bf16" if amp == "fp16" else
+           "its weights hold NaN/inf, or its activations exceed float16's range (65504) that the cache stores: "
+           "check the weights file")
+    return f"model {model} gives NaN or inf features or logits on split {split}; {why}"
+
+
+_PROGRESS_NAME = re.compile(r"(?P<split>.+)\.rank(?P<rank>\d+)\.npy")
+
+
+def _read_progress(path: Path) -> list[int]:
+    """Finished batch numbers in one progress file; a missing or damaged file counts as none done."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return []
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        return []
+    return [int(b) for b in arr]
 
 
 def _done_batches(out: Path, split: str) -> set[int]:
     done: set[int] = set()
     for f in (out / PROGRESS_DIR).glob(f"{split}.rank*.npy"):
-        done.update(int(b) for b in np.load(f))
+        m = _PROGRESS_NAME.fullmatch(f.name)
+        if m and m["split"] == split:
+            done.update(_read_progress(f))
     return done
 
 
 def _save_progress(out: Path, split: str, rank: int, done: list[int]) -> None:
-    path = out / PROGRESS_DIR / f"{split}.rank{rank}.npy"
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, np.asarray(sorted(done), dtype=np.int64))
-    tmp.replace(path)
+    """Replace this rank's progress file atomically (the temporary name starts with '.': no glob sees it)."""
+    with atomic_path(out / PROGRESS_DIR / f"{split}.rank{rank}.npy") as tmp:
+        np.save(tmp, np.asarray(sorted(done), dtype=np.int64))
 
 
 def _create_files(out: Path, splits: dict, loaded: list[LoadedModel], widths: list[int]) -> None:
@@ -170,10 +336,11 @@ def build_cache(
     limit: int | None = None,
     random_init: bool = False,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | str = "auto",
     device: str | None = None,
     amp: str | None = None,
     overwrite: bool = False,
+    verify: bool = False,
     seed: int = 0,
     root: Path = DEFAULT_ROOT,
     preprocess: dict | None = None,
@@ -184,157 +351,219 @@ def build_cache(
 
     ``preprocess`` overrides keys of the first model's timm data config (e.g. ``{"input_size": [3, 64, 64]}``);
     all models see the same preprocessed pixels. Resumes a partial cache of the same configuration.
+    ``workers``: DataLoader processes, ``"auto"`` (see :func:`klas.data.resolve_workers`) or a number.
+    ``verify``: when the cache is already complete, check every file's sha256 (not only sizes and mtimes).
+
+    ``out`` must be new, empty or a klas cache directory; ``overwrite`` only ever clears a klas cache.
+    Everything that can be refused (arguments, --out, --root, a second writer) is refused before any
+    model is loaded.
     """
-    from klas.data import SPLITS, build_transform, make_splits, open_source
+    from klas.data import resolve_workers
 
-    console = console or Console(stderr=True)
     start = time.perf_counter()
-    out = Path(out)
-    splits = list(splits or SPLITS)
-    bad = [s for s in splits if s not in SPLITS]
-    if bad or not splits:
-        raise KlasError(f"unknown split {', '.join(bad) or '(none)'}; choose from {', '.join(SPLITS)}")
-    if not models:
-        raise KlasError("no models given; pass --model NAME at least once")
-    specs = [parse_spec(m) for m in models]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise KlasError(f"model {max(names, key=names.count)} given twice; each --model must be a different architecture")
-    if batch_size < 1 or workers < 0 or (limit is not None and limit < 1):
-        raise KlasError("--batch-size and --limit must be positive and --workers non-negative")
+    out, root = Path(out), Path(root)
+    specs, splits = _check_options(models, splits, batch_size, limit, preprocess)
     rank, world = dist_rank_world()
-    dev = resolve_device(device)
-    if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", rank % torch.cuda.device_count())
-    if amp is not None:
-        if amp not in AMP_DTYPES:
-            raise KlasError(f"unknown --amp {amp!r}; use bf16 or fp16")
-        if dev.type != "cuda":
-            raise KlasError("--amp needs a CUDA device; drop --amp on CPU")
+    dev = _device(device, amp, rank, world)
+    req = _Request(specs, str(data), out, splits, limit, random_init, batch_size, resolve_workers(workers, dev),
+                   dev, amp, overwrite, verify, seed, root, preprocess)
+    with ExitStack() as stack:
+        if rank == 0:
+            claim_dir(out, "cache", "--out", legacy=recognise_cache)
+            stack.enter_context(DirLock(out, "--out"))  # held for the whole build: one writer per cache
+            _check_root(root, req.data, specs, random_init)
+        summary = _build(req, console or Console(stderr=True), progress and rank == 0)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
-    source = open_source(data, root=root)
-    split_defs = {k: v for k, v in make_splits(source, seed=seed, limit=limit).items() if k in splits}
 
-    first = load_model(specs[0], random_init=random_init, root=root, device=dev, seed=seed)
-    config = {**first.data_config, **(preprocess or {})}
-    size = tuple(config["input_size"])
-    if size != tuple(first.data_config["input_size"]):
-        first = load_model(specs[0], random_init=random_init, root=root, device=dev, seed=seed, input_size=size)
-    loaded = [first] + [
-        load_model(s, random_init=random_init, root=root, device=dev, seed=seed, input_size=size) for s in specs[1:]
-    ]
+@dataclass
+class _Request:
+    """The checked arguments of one ``build_cache`` call."""
+
+    specs: list[ModelSpec]
+    data: str
+    out: Path
+    splits: list[str]
+    limit: int | None
+    random_init: bool
+    batch_size: int
+    workers: int
+    device: torch.device
+    amp: str | None
+    overwrite: bool
+    verify: bool
+    seed: int
+    root: Path
+    preprocess: dict | None
+
+
+def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
+    """build_cache after its checks: load, decide, compute this rank's batches, finish (rank 0)."""
+    from klas.data import build_transform, make_splits, open_source
+
+    rank, world = dist_rank_world()
+    out = req.out
+    source = open_source(req.data, root=req.root)
+    split_defs = {k: v for k, v in make_splits(source, seed=req.seed, limit=req.limit).items() if k in req.splits}
+    loaded, config = _load_models(req.specs, req.preprocess, req.random_init, req.root, req.device, req.seed)
     columns = [feature_columns(m) for m in loaded]
     widths = [cols[-1][list(cols[-1])[-1]][1] for cols in columns]
-
     data_info = {
         "source": source.name,
         "fingerprint": source.fingerprint,
         "classes": list(source.classes),
         "preprocess": config,
-        "seed": seed,
+        "seed": req.seed,
         "fractions": [0.6, 0.2, 0.2],
-        "limit": limit,
+        "limit": req.limit,
     }
-    fingerprint = _fingerprint(loaded, data_info, splits, amp)
-
-    status = _prepare_dir(out, fingerprint, batch_size, overwrite) if rank == 0 else None
-    if rank == 0 and status == "written":
-        per_row = sum(2 * (w + m.adapter.num_classes) for m, w in zip(loaded, widths)) + 16
-        check_free_space(out, int(1.05 * per_row * sum(len(s.ids) for s in split_defs.values())) + (1 << 20))
-        _create_files(out, split_defs, loaded, widths)
-        (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / STATE, {"fingerprint": fingerprint, "batch_size": batch_size})
-    dist_barrier()
-    if status == "up to date":
-        return _summary(open_cache(out), 0, time.perf_counter() - start, status)
-
-    transform = build_transform(config)
-    autocast = torch.autocast("cuda", dtype=AMP_DTYPES[amp]) if amp else torch.autocast("cpu", enabled=False)
-    plan = {}
-    for name, split in split_defs.items():
-        nb = math.ceil(len(split.ids) / batch_size)
-        done = _done_batches(out, name)
-        plan[name] = [b for b in range(nb) if b % world == rank and b not in done]
-    todo = sum(min(batch_size * (b + 1), len(split_defs[s].ids)) - batch_size * b for s, bs in plan.items() for b in bs)
-    model_seconds = [0.0] * len(loaded)
-    images = 0
-    with _progress(console, progress and rank == 0) as bar:
-        tasks = [bar.add_task(m.name, total=todo, ips=0.0) for m in loaded]
-        for name, batches in plan.items():
-            if not batches:
-                continue
-            images += _run_split(out, source, name, split_defs[name], batches, batch_size, workers, transform, loaded,
-                                 dev, autocast, rank, bar, tasks, model_seconds)
+    fingerprints = {fmt: _fingerprint(loaded, data_info, req.splits, req.amp, fmt) for fmt in (FORMAT, *UPGRADES)}
+    fingerprint = fingerprints[FORMAT]
+    if rank == 0:
+        status = _prepare_dir(out, fingerprints, req.batch_size, req.overwrite)
+        _start_files(out, status, fingerprint, req.batch_size, split_defs, loaded, widths)
     dist_barrier()
     if rank != 0:
-        return CacheSummary(out, images=images, seconds=time.perf_counter() - start, status="shard")
-    missing = {s: math.ceil(len(d.ids) / batch_size) - len(_done_batches(out, s)) for s, d in split_defs.items()}
-    if any(missing.values()):
-        raise KlasError(f"cache {out} is still missing batches {missing}; re-run the same command to finish it")
-    manifest = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "models": [
-            {
-                "name": m.name,
-                "spec": str(m.spec),
-                "arch": m.spec.arch,
-                "weights": str(m.spec.path) if m.spec.path else None,
-                "random_init": random_init,
-                "weights_sha256": m.weights_sha256,
-                "family": m.adapter.family,
-                "num_classes": m.adapter.num_classes,
-                "pool_names": list(m.adapter.pool_names),
-                "feature_dim": w,
-                "profile": m.profile.to_json(),
-                "columns": cols,
-            }
-            for m, w, cols in zip(loaded, widths, columns)
-        ],
-        "data": data_info,
-        "splits": {s: {"n": int(len(d.ids))} for s, d in split_defs.items()},
-        "amp": amp,
-        "batch_size": batch_size,
-        "versions": package_versions(),
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    (out / STATE).unlink(missing_ok=True)
-    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
-    return _summary(open_cache(out), images, time.perf_counter() - start, status)
+        status = "up to date" if (out / MANIFEST).is_file() else "shard"
+    if status == "up to date":
+        if rank != 0:
+            return CacheSummary(out, status="shard")
+        return _summary(open_cache(out, verify=req.verify), 0, 0.0, "up to date, verified" if req.verify else status)
+    job = _Job(out, source, loaded, build_transform(config), req.device, req.amp, req.batch_size, req.workers, rank, world)
+    images = _compute(job, split_defs, console, progress)
+    dist_barrier()
+    if rank != 0:
+        return CacheSummary(out, images=images, status="shard")
+    _finish(job, split_defs, fingerprint, data_info, widths, columns, req.random_init)
+    return _summary(open_cache(out), images, 0.0, status)
 
 
-def _run_split(out, source, name, split, batches, batch_size, workers, transform, loaded, dev, autocast, rank, bar,
-               tasks, model_seconds) -> int:
+def _start_files(out, status, fingerprint, batch_size, split_defs, loaded, widths) -> None:
+    """Rank 0, before any batch: preallocate a fresh cache (after a disk-space check) or reopen a partial one."""
+    if status == "resumed":
+        _write_state(out, fingerprint, batch_size, ready=True)  # forgets an error recorded by the last attempt
+    if status != "written":
+        return
+    per_row = sum(2 * (w + m.adapter.num_classes) for m, w in zip(loaded, widths)) + 16
+    check_free_space(out, int(1.05 * per_row * sum(len(s.ids) for s in split_defs.values())) + (1 << 20))
+    _write_state(out, fingerprint, batch_size, ready=False)
+    _create_files(out, split_defs, loaded, widths)
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    _write_state(out, fingerprint, batch_size, ready=True)
+
+
+def _compute(job: _Job, split_defs: dict, console: Console, progress: bool) -> int:
+    """Run this rank's unfinished batches of every split; returns the number of images computed."""
+    plan = {}
+    for name, split in split_defs.items():
+        nb = math.ceil(len(split.ids) / job.batch_size)
+        done = _done_batches(job.out, name)
+        plan[name] = [b for b in range(nb) if b % job.world == job.rank and b not in done]
+    bs = job.batch_size
+    todo = sum(min(bs * (b + 1), len(split_defs[s].ids)) - bs * b for s, batches in plan.items() for b in batches)
+    model_seconds = [0.0] * len(job.loaded)
+    images = 0
+    with _progress(console, progress) as bar:
+        tasks = [bar.add_task(m.name, total=todo, ips=0.0) for m in job.loaded]
+        for name, batches in plan.items():
+            if batches:
+                images += _run_split(job, name, split_defs[name], batches, bar, tasks, model_seconds)
+    return images
+
+
+def _open_rw(path: Path) -> np.ndarray:
+    """A preallocated array of an unfinished cache, opened for writing rows."""
+    try:
+        return np.load(path, mmap_mode="r+")
+    except (OSError, ValueError) as exc:
+        raise KlasError(
+            f"cache file {path} of the unfinished cache is missing or damaged ({exc.__class__.__name__}); "
+            "re-run the klas cache command with --overwrite"
+        ) from None
+
+
+def _run_split(job: _Job, name: str, split, batches: list[int], bar, tasks, model_seconds) -> int:
     """Run the models over this rank's pending batches of one split, writing rows as they come."""
-    from klas.data import SplitDataset
+    from klas.data import SplitDataset, make_loader
 
-    n = len(split.ids)
-    feats = [np.load(out / name / m.name / "features.npy", mmap_mode="r+") for m in loaded]
-    logits = [np.load(out / name / m.name / "logits.npy", mmap_mode="r+") for m in loaded]
-    sampler = [list(range(b * batch_size, min(n, (b + 1) * batch_size))) for b in batches]
-    loader = torch.utils.data.DataLoader(
-        SplitDataset(source, split, transform), batch_sampler=sampler, num_workers=workers
-    )
-    own = out / PROGRESS_DIR / f"{name}.rank{rank}.npy"
-    done = [int(b) for b in np.load(own)] if own.is_file() else []
+    n, bs = len(split.ids), job.batch_size
+    feats = [_open_rw(job.out / name / m.name / "features.npy") for m in job.loaded]
+    logits = [_open_rw(job.out / name / m.name / "logits.npy") for m in job.loaded]
+    sampler = [list(range(b * bs, min(n, (b + 1) * bs))) for b in batches]
+    loader = make_loader(SplitDataset(job.source, split, job.transform), sampler, job.workers, job.device)
+    done = _read_progress(job.out / PROGRESS_DIR / f"{name}.rank{job.rank}.npy")
     images = 0
     for b, (x, _, _) in zip(batches, loader):
-        rows = slice(b * batch_size, b * batch_size + x.shape[0])
-        x = x.to(dev, non_blocking=True)
-        for k, m in enumerate(loaded):
+        rows = slice(b * bs, b * bs + x.shape[0])
+        x = x.to(job.device, non_blocking=True)
+        for k, m in enumerate(job.loaded):
             t0 = time.perf_counter()
-            with autocast:
+            with job.autocast():
                 f, lg = pooled_forward(m.adapter, x)
-            feats[k][rows] = f.cpu().numpy().astype(np.float16)
-            logits[k][rows] = lg.cpu().numpy().astype(np.float16)
+            f16, lg16 = f.cpu().numpy().astype(np.float16), lg.cpu().numpy().astype(np.float16)
+            if not (np.isfinite(f16).all() and np.isfinite(lg16).all()):
+                _fail(job, _non_finite(m.name, name, job.amp))
+            feats[k][rows], logits[k][rows] = f16, lg16
             model_seconds[k] += time.perf_counter() - t0
             bar.update(tasks[k], advance=x.shape[0], ips=bar.tasks[k].completed / max(model_seconds[k], 1e-9))
         for arr in feats + logits:
             arr.flush()
         done.append(b)
-        _save_progress(out, name, rank, done)
+        _save_progress(job.out, name, job.rank, done)
         images += x.shape[0]
     return images
+
+
+def _manifest_models(job: _Job, widths: list[int], columns: list, random_init: bool) -> list[dict]:
+    return [
+        {
+            "name": m.name,
+            "spec": str(m.spec),
+            "arch": m.spec.arch,
+            "weights": str(m.spec.path) if m.spec.path else None,
+            "random_init": random_init,
+            "weights_sha256": m.weights_sha256,
+            "family": m.adapter.family,
+            "num_classes": m.adapter.num_classes,
+            "pool_names": list(m.adapter.pool_names),
+            "feature_dim": w,
+            "profile": m.profile.to_json(),
+            "columns": cols,
+        }
+        for m, w, cols in zip(job.loaded, widths, columns)
+    ]
+
+
+def _finish(job: _Job, split_defs: dict, fingerprint: str, data_info: dict, widths, columns, random_init) -> None:
+    """Rank 0, after every rank's batches: check none is missing, checksum the arrays, write the manifest last."""
+    out = job.out
+    missing = {s: math.ceil(len(d.ids) / job.batch_size) - len(_done_batches(out, s)) for s, d in split_defs.items()}
+    if any(missing.values()):
+        raise KlasError(f"cache {out} is still missing batches {missing}; re-run the same command to finish it")
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "models": _manifest_models(job, widths, columns, random_init),
+        "data": data_info,
+        "splits": {s: {"n": int(len(d.ids))} for s, d in split_defs.items()},
+        "amp": job.amp,
+        "batch_size": job.batch_size,
+        "loader": {"workers": job.workers, "pin_memory": job.device.type == "cuda"},  # speed only, not the bytes
+        "files": record_files(out, array_paths(split_defs, [m.name for m in job.loaded])),
+        "versions": package_versions(),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / STATE).unlink(missing_ok=True)
+    (out / VERIFIED).unlink(missing_ok=True)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+
+
+def check_cache(path: Path | str) -> CacheSummary:
+    """``klas cache --verify --out PATH`` alone: check every array of a finished cache by full sha256."""
+    start = time.perf_counter()
+    cache = open_cache(path, verify=True)
+    return _summary(cache, 0, time.perf_counter() - start, "verified")
 
 
 def _summary(cache: Cache, images: int, seconds: float, status: str) -> CacheSummary:

@@ -10,6 +10,7 @@ Three sources of weights:
 from __future__ import annotations
 
 import difflib
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +123,27 @@ def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT
     state = _read_state_dict(path)
     classes = _classifier_outputs(spec.arch, state)
     model = _create(spec.arch, pretrained=False, **({"num_classes": classes} if classes else {}))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: weights of another architecture or width
+        raise KlasError(
+            f"weights {path} do not fit {spec.arch} ({_first_mismatch(exc)}); pass the architecture they were trained with"
+        ) from None
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise KlasError(f"weights {path} do not fit {spec.arch} ({what}); pass the architecture they were trained with")
     return model.eval(), sha256_file(path)
+
+
+def _first_mismatch(exc: RuntimeError) -> str:
+    """The first line of torch's load_state_dict error that names a tensor, shortened to one phrase."""
+    for line in str(exc).splitlines():
+        m = re.search(r"size mismatch for ([\w.]+): copying a param with shape (\S+(?: \S+)*?) from checkpoint, "
+                      r"the shape in current model is (.+?)\.?$", line.strip())
+        if m:
+            file_shape, model_shape = (re.sub(r"torch\.Size\((.*)\)", r"\1", t) for t in (m[2], m[3]))
+            return f"{m[1]} has shape {file_shape} in the file, {model_shape} in the model"
+    return "tensor shapes differ"
 
 
 @dataclass

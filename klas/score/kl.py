@@ -63,7 +63,10 @@ def kl_matrix(
         raise KlasError("no score samples: the KL criterion needs at least one sample's probe logits")
     theta = (acc.diagonal()[:, None] - acc) / total  # (P, P)
     if not bool(torch.isfinite(theta).all()):
-        raise KlasError("probe logits contain NaN or inf; retrain the probes (klas search --retrain-probes)")
+        raise KlasError(
+            "probe logits contain NaN or inf (non-finite cached features, or probe training diverged); "
+            "check the cache with klas cache --verify --out CACHE, then re-run klas search with --overwrite"
+        )
     return theta.clamp_min_(0.0).cpu()
 
 

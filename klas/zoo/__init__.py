@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from klas.errors import KlasError
+from klas.fs import ensure_writable_dir
 from klas.utils import DEFAULT_ROOT, read_json, sha256_file
 from klas.zoo.models import arch_args  # importing klas.zoo.models registers the architectures with timm
 from klas.zoo.train import Recipe
@@ -144,6 +145,8 @@ def train_zoo(
         if force or not _is_current(arch, index.get(arch), recipe, fingerprint, root):
             todo.append((arch, recipe))
     if todo:
+        ensure_writable_dir(root, "--root")  # fail now, not after minutes of training
+        ensure_writable_dir(zoo_dir(root), "--root")
         previous = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
