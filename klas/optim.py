@@ -58,22 +58,31 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float, *, skip: Col
     return [g for g in groups if g["params"]]
 
 
+#: The explicit ``--amp`` words and the autocast dtypes they name.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def parse_amp(text: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype an ``--amp`` word asks for on ``device``; None = full precision.
 
     ``auto``: bf16 where the GPU supports it, else fp16; ``bf16`` / ``fp16``; ``off`` (or None).
-    Mixed precision applies on CUDA only: on any other device every word gives None.
+    Mixed precision applies on CUDA only: elsewhere ``auto`` and ``off`` give None and an explicit
+    ``bf16`` / ``fp16`` is refused (one vocabulary for ``klas cache`` and ``klas train``).
     """
     if text is None:
         return None
     word = str(text).lower()
     if word not in AMP_CHOICES:
         raise KlasError(f"unknown --amp {text!r}; use one of {', '.join(AMP_CHOICES)}")
-    if torch.device(device).type != "cuda" or word == "off":
+    if word == "off":
         return None
+    if torch.device(device).type != "cuda":
+        if word == "auto":
+            return None
+        raise KlasError(f"--amp {word} needs a CUDA device; use --amp auto or off on {torch.device(device).type}")
     if word == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if word == "bf16" else torch.float16
+    return AMP_DTYPES[word]
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -83,4 +92,4 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=amp_dtype)
 
 
-__all__ = ["AMP_CHOICES", "autocast", "param_groups", "parse_amp", "set_lr", "warmup_cosine", "warmup_steps_of"]
+__all__ = ["AMP_CHOICES", "AMP_DTYPES", "autocast", "param_groups", "parse_amp", "set_lr", "warmup_cosine", "warmup_steps_of"]

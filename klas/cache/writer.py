@@ -46,10 +46,10 @@ from klas.fs import (
     LOCK, MARKER, DirLock, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir, write_json_atomic,
 )
 from klas.models import LoadedModel, ModelSpec, load_model, parse_spec
+from klas.optim import AMP_DTYPES, autocast, parse_amp
 from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
 
 PROGRESS_DIR = ".progress"
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -103,9 +103,7 @@ class _Job:
     world: int
 
     def autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=AMP_DTYPES[self.amp])
-        return torch.autocast("cpu", enabled=False)
+        return autocast(self.device, AMP_DTYPES.get(self.amp))
 
 
 #: Older formats whose caches of the same configuration are rebuilt without --overwrite (derived data only).
@@ -154,17 +152,17 @@ def _check_options(
     return specs, splits
 
 
-def _device(device: str | None, amp: str | None, rank: int, world: int) -> torch.device:
-    """The device this rank computes on; --amp only with CUDA."""
+def _device(device: str | None, amp: str | None, rank: int, world: int) -> tuple[torch.device, str | None]:
+    """The device this rank computes on and the mixed precision it uses ("bf16" | "fp16" | None).
+
+    ``amp`` takes klas's one ``--amp`` vocabulary (:func:`klas.optim.parse_amp`); the resolved name
+    is what the cache's fingerprint records.
+    """
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", rank % torch.cuda.device_count())
-    if amp is not None:
-        if amp not in AMP_DTYPES:
-            raise KlasError(f"unknown --amp {amp!r}; use bf16 or fp16")
-        if dev.type != "cuda":
-            raise KlasError("--amp needs a CUDA device; drop --amp on CPU")
-    return dev
+    dtype = parse_amp(amp, dev)
+    return dev, {v: k for k, v in AMP_DTYPES.items()}.get(dtype)
 
 
 def _check_root(root: Path, data: str, specs: Sequence[ModelSpec], random_init: bool) -> None:
@@ -364,7 +362,7 @@ def build_cache(
     out, root = Path(out), Path(root)
     specs, splits = _check_options(models, splits, batch_size, limit, preprocess)
     rank, world = dist_rank_world()
-    dev = _device(device, amp, rank, world)
+    dev, amp = _device(device, amp, rank, world)
     req = _Request(specs, str(data), out, splits, limit, random_init, batch_size, resolve_workers(workers, dev),
                    dev, amp, overwrite, verify, seed, root, preprocess)
     with ExitStack() as stack:
