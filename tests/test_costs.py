@@ -125,6 +125,9 @@ def test_fused_cpu_attention_kernel_is_counted():
     expected = 3 * 17 * 5 * (8 + 4)
     assert count_macs(F.scaled_dot_product_attention, q, k, v)[0] == expected
     assert count_macs(F.scaled_dot_product_attention, q, k, v, plain_attention=False)[0] == expected
+    with torch.inference_mode():  # where the composite op reaches the counter undecomposed
+        assert count_macs(F.scaled_dot_product_attention, q, k, v)[0] == expected
+        assert count_macs(F.scaled_dot_product_attention, q, k, v, plain_attention=False)[0] == expected
 
 
 def test_multihead_attention_fast_path_is_counted_or_refused():

@@ -145,7 +145,7 @@ FUSED_ATTENTION_FLOPS = {
 
 
 class _AttentionOpsSeen(TorchDispatchMode):
-    """Records every aten op whose name mentions attention, to catch kernels nobody counts."""
+    """Records every op run whose name mentions attention, to catch kernels nobody counts."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -200,7 +200,9 @@ def count_macs(fn, *args, plain_attention: bool = True) -> tuple[int, object]:
     seen = _AttentionOpsSeen()
     frozen = _frozen(fn) if isinstance(fn, nn.Module) else contextlib.nullcontext()
     attention = _plain_attention() if plain_attention else contextlib.nullcontext()
-    with frozen, attention, counter, seen:
+    # ``seen`` outside ``counter``: it sees what the counter runs, after the counter has broken
+    # composite ops (``scaled_dot_product_attention`` itself, under inference mode) into their parts.
+    with frozen, attention, seen, counter:
         out = fn(*args)
     uncounted = sorted(str(op) for op in seen.ops if op not in counter.flop_registry)
     if uncounted:
