@@ -4,7 +4,8 @@ Costs are MACs (multiply-accumulates). klas shows them as "GFLOPs" in the conven
 stitching literature and fvcore, where one multiply-add counts as one FLOP; torch's FlopCounterMode
 counts two FLOPs per multiply-add, so its totals are halved here. Like fvcore, klas counts the
 matmuls and convolutions (attention's ``q @ k^T`` and ``attn @ v`` included), not biases,
-activations, softmax or normalisation.
+activations or softmax; unlike fvcore, not LayerNorm either (fvcore adds 5 per element of an affine
+LayerNorm: 0.1-0.4 % of a DeiT, the whole of the gap to the published DeiT figures).
 
 The count must not depend on the device a model lives on. Attention is where it could: torch picks
 a fused kernel per device (``_scaled_dot_product_flash_attention_for_cpu`` on CPU, flash /
