@@ -1,4 +1,5 @@
-"""The adapter contract: stem + blocks + head == model(x), for every family and every cut point."""
+"""The adapter contract: stem + blocks + head == model(x), for every family and every cut point;
+the same costs on a real device as on the meta device."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,8 @@ FAMILIES = [
     ("deit_tiny_patch16_224", {"img_size": 64}, (3, 64, 64)),
     ("deit_tiny_distilled_patch16_224", {"img_size": 64}, (3, 64, 64)),
     ("deit3_small_patch16_224", {"img_size": 64}, (3, 64, 64)),
+    # SigLIP: no cls token, attention-pool head (narrowed to stay fast)
+    ("vit_base_patch16_siglip_224", {"img_size": 64, "embed_dim": 192, "num_heads": 3, "depth": 4}, (3, 64, 64)),
     ("swin_tiny_patch4_window7_224", {"img_size": 112, "window_size": 7}, (3, 112, 112)),
     ("resnet18", {}, (3, 64, 64)),
     ("resnet50", {}, (3, 64, 64)),
@@ -38,7 +41,12 @@ def test_adapter_reproduces_model_at_every_cut(name, kwargs, size):
         for cut, rep in enumerate(reps):
             out = adapter.head(adapter.run_blocks(rep.clone(), cut))
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    prof = profile_adapter(adapter, size)
+    prof = profile_adapter(adapter, size)  # on CPU, parameters requiring grad
+    assert all(p.requires_grad for p in model.parameters())  # profiling leaves the model as it was
+    # the same counts as on the meta device, where no fused attention kernel runs
+    with torch.device("meta"):
+        meta = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kwargs).eval()
+    assert profile_adapter(adapt(meta, name), size) == prof
     assert prof.num_blocks == adapter.num_blocks
     assert prof.params == sum(p.numel() for p in model.parameters())
     for rep, tensor in zip(prof.reps, reps):

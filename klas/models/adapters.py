@@ -143,7 +143,8 @@ class ViTAdapter(Adapter):
 
     def head_modules(self) -> list[nn.Module]:
         m = self.model
-        return [m.norm, m.fc_norm, m.head] + ([m.head_dist] if hasattr(m, "head_dist") else [])
+        pool = [m.attn_pool] if getattr(m, "attn_pool", None) is not None else []  # SigLIP's attention pool
+        return [m.norm, *pool, m.fc_norm, m.head] + ([m.head_dist] if hasattr(m, "head_dist") else [])
 
     def pool(self, h: Tensor) -> dict[str, Tensor]:
         p = self.num_prefix

@@ -190,6 +190,8 @@ def load_model(
     size = tuple(input_size or cfg["input_size"])
     try:
         profile = profile_adapter(adapter, size)
+    except KlasError:
+        raise
     except Exception as exc:  # e.g. a ViT built for another resolution
         raise KlasError(
             f"{spec.arch} does not accept inputs of size {list(size)} ({exc.__class__.__name__}); "

@@ -2,16 +2,38 @@
 
 Costs are MACs (multiply-accumulates). klas shows them as "GFLOPs" in the convention of the
 stitching literature and fvcore, where one multiply-add counts as one FLOP; torch's FlopCounterMode
-counts two FLOPs per multiply-add, so its totals are halved here.
+counts two FLOPs per multiply-add, so its totals are halved here. Like fvcore, klas counts the
+matmuls and convolutions (attention's ``q @ k^T`` and ``attn @ v`` included), not biases,
+activations or softmax; unlike fvcore, not LayerNorm either (fvcore adds 5 per element of an affine
+LayerNorm: 0.1-0.4 % of a DeiT, the whole of the gap to the published DeiT figures).
+
+The count must not depend on the device a model lives on. Attention is where it could: torch picks
+a fused kernel per device (``_scaled_dot_product_flash_attention_for_cpu`` on CPU, flash /
+efficient / cuDNN on CUDA, ...), and torch's flop counter knows formulas for only some of them; an
+unknown kernel silently counts as zero. :func:`count_macs` therefore
+
+1. forces the math attention backend and turns off ``nn.MultiheadAttention``'s fused fast path,
+   so attention runs as two ordinary batched matmuls on every backend that honours the switch
+   (CPU, CUDA and the meta device all do), which the counter sees like any other matmul;
+2. gives the counter the same formula (``B*H*L*S*(E + Ev)`` MACs) for the fused kernels it lacks,
+   for backends that run one anyway (MPS's math kernel, out-of-tree "overrideable" backends);
+3. refuses, with an error, a count during which any other attention kernel ran, rather than
+   return a figure with its attention left out.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from klas.errors import KlasError
 from klas.models.adapters import Adapter
 
 
@@ -97,10 +119,98 @@ class Profile:
         )
 
 
-def count_macs(fn, *args) -> tuple[int, object]:
-    """MACs of one call (torch counts 2 FLOPs per multiply-add; fvcore and klas count 1)."""
-    with FlopCounterMode(display=False) as counter:
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """torch-convention FLOPs (2 per multiply-add) of one fused attention call on shapes
+    ``query (..., L, E)``, ``key (..., S, E)``, ``value (..., S, Ev)``: ``q @ k^T`` and ``attn @ v``.
+    Grouped-query attention (fewer key/value heads) costs the same per query head."""
+    *batch, length, e = query
+    source, ev = key[-2], value[-1]
+    return 2 * math.prod(batch) * length * source * (e + ev)
+
+
+# Fused attention kernels torch's flop counter has no formula for (torch 2.14: these three); each
+# takes (query, key, value, ...) in the (B, heads, tokens, dim) layout. Read with getattr so a
+# torch without one of them still imports.
+FUSED_ATTENTION_FLOPS = {
+    op: _sdpa_flops
+    for op in (
+        getattr(torch.ops.aten, name, None)
+        for name in (
+            "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_fused_attention_overrideable",
+            "_scaled_dot_product_attention_math_for_mps",
+        )
+    )
+    if op is not None and op not in flop_registry
+}
+
+
+class _AttentionOpsSeen(TorchDispatchMode):
+    """Records every op run whose name mentions attention, to catch kernels nobody counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "attention" in func.name():
+            self.ops.add(getattr(func, "_overloadpacket", func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _plain_attention() -> Iterator[None]:
+    """Math SDPA backend and no ``nn.MultiheadAttention`` fast path, restored on exit."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """No parameter of ``module`` requires grad inside the block; restored on exit.
+
+    torch's flop counter tracks modules by hooking every module input that requires grad. Under
+    ``no_grad`` a view of a trainable parameter (SigLIP's attention-pool query,
+    ``latent.expand(B, -1, -1)``) requires grad but has no autograd node, and the tracker fails
+    ("Expected gradient function to be set"). With nothing requiring grad there is nothing to hook.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def count_macs(fn, *args, plain_attention: bool = True) -> tuple[int, object]:
+    """MACs of one call (torch counts 2 FLOPs per multiply-add; fvcore and klas count 1).
+
+    Independent of the device's attention kernels (see the module docstring); ``plain_attention=
+    False`` lets the device pick its fused kernel, which the formulas then count (for tests).
+    Raises :class:`KlasError` if an attention kernel ran that no formula counts. A module ``fn``
+    runs with its parameters frozen (see :func:`_frozen`).
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=FUSED_ATTENTION_FLOPS)
+    seen = _AttentionOpsSeen()
+    frozen = _frozen(fn) if isinstance(fn, nn.Module) else contextlib.nullcontext()
+    attention = _plain_attention() if plain_attention else contextlib.nullcontext()
+    # ``seen`` outside ``counter``: it sees what the counter runs, after the counter has broken
+    # composite ops (``scaled_dot_product_attention`` itself, under inference mode) into their parts.
+    with frozen, attention, seen, counter:
         out = fn(*args)
+    uncounted = sorted(str(op) for op in seen.ops if op not in counter.flop_registry)
+    if uncounted:
+        raise KlasError(
+            f"cannot count the MACs of attention kernel {', '.join(uncounted)} (torch {torch.__version__}); "
+            "profile on CPU or CUDA, or report it to klas"
+        )
     return counter.get_total_flops() // 2, out
 
 
@@ -117,7 +227,15 @@ def _numel(modules: list[nn.Module]) -> int:
 
 @torch.no_grad()
 def profile_adapter(adapter: Adapter, input_size: tuple[int, int, int]) -> Profile:
-    """Run one image through the adapter, counting MACs and reading shapes block by block."""
+    """Run one image through the adapter, counting MACs and reading shapes block by block.
+
+    The counts are the same on every device, the meta device included (see :func:`count_macs`).
+    """
+    with _frozen(adapter):
+        return _profile(adapter, input_size)
+
+
+def _profile(adapter: Adapter, input_size: tuple[int, int, int]) -> Profile:
     device = next(adapter.parameters()).device
     x = torch.zeros(1, *input_size, device=device)
     was_training = adapter.training
