@@ -159,7 +159,7 @@ def export_pareto(
 
     Returns an :class:`ExportResult` (``.table()`` renders the front).
     """
-    from klas.train.results import read_results
+    from klas.train import read_results
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -206,7 +206,7 @@ def export_pareto(
 
 def _trained_on(run_dir: Path, selection: dict) -> dict:
     """The training manifest (``{}`` when absent), after checking that results and manifest belong to ``selection``."""
-    from klas.train.results import results_selection
+    from klas.train import results_selection
 
     fix = f"rerun klas train {run_dir} --overwrite"
     check_same_selection(results_selection(run_dir), selection, run_dir / RESULTS, fix)
@@ -226,7 +226,7 @@ def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device,
 
     from klas.export.artifact import export_onnx, save_stitched
     from klas.stitch.network import StitchNet
-    from klas.train.checkpoint import checkpoint_path, load_checkpoint
+    from klas.train import checkpoint_path, load_checkpoint
 
     ckpt_path = checkpoint_path(run_dir)
     ckpt = load_checkpoint(ckpt_path)

@@ -9,11 +9,13 @@ from klas.models.adapters import (
     adapt,
     adapter_class,
 )
-from klas.models.load import LoadedModel, ModelSpec, build_model, data_config_of, load_model, parse_spec
+from klas.models.load import (
+    LoadedModel, ModelSpec, build_model, data_config_of, load_model, parse_spec, register_weights_source,
+)
 from klas.models.profile import Profile, Rep, count_macs, profile_adapter
 
 __all__ = [
     "SUPPORTED_FAMILIES", "Adapter", "ConvNeXtAdapter", "ResNetAdapter", "SwinAdapter", "ViTAdapter",
     "adapt", "adapter_class", "LoadedModel", "ModelSpec", "build_model", "data_config_of", "load_model",
-    "parse_spec", "Profile", "Rep", "count_macs", "profile_adapter",
+    "parse_spec", "register_weights_source", "Profile", "Rep", "count_macs", "profile_adapter",
 ]

@@ -2,8 +2,9 @@
 
 Three sources of weights:
 
-* ``NAME``: timm's pretrained weights (downloaded on the user's machine), or for the demo family
-  (``klas_vit_ti``, ...) the weights klas trains locally under ``cache/zoo``;
+* ``NAME``: timm's pretrained weights (downloaded on the user's machine), or the file a registered
+  local source gives (:func:`register_weights_source`; the demo family ``klas_vit_ti``, ... registers
+  the weights klas trains locally under ``cache/zoo``);
 * ``NAME=path/to/file.safetensors|.pth``: a local file;
 * ``random_init=True``: untrained, seeded weights (what the tests use; never touches the network).
 """
@@ -14,6 +15,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
@@ -57,9 +59,30 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(arch, p)
 
 
-def _check_arch(arch: str) -> None:
-    import klas.zoo  # noqa: F401  registers the demo family with timm
+#: Local weight sources, consulted in order before timm's own download: ``source(arch, root) -> Path | None``.
+_WEIGHT_SOURCES: list[Callable[[str, Path], Path | None]] = []
 
+
+def register_weights_source(source: Callable[[str, Path], Path | None]) -> None:
+    """Let a package that registers timm architectures of its own supply their weights.
+
+    ``source(arch, root)`` returns a weights file for ``arch`` (a ``NAME`` without ``=path``), or None
+    when it does not know the architecture. The demo zoo (:mod:`klas.zoo`) registers itself this way,
+    so this layer never imports it.
+    """
+    if source not in _WEIGHT_SOURCES:
+        _WEIGHT_SOURCES.append(source)
+
+
+def _local_weights(arch: str, root: Path) -> Path | None:
+    for source in _WEIGHT_SOURCES:
+        path = source(arch, root)
+        if path is not None:
+            return Path(path)
+    return None
+
+
+def _check_arch(arch: str) -> None:
     if timm.is_model(arch):
         return
     close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -100,15 +123,13 @@ def _create(arch: str, pretrained: bool, **kwargs) -> nn.Module:
 
 def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT_ROOT, seed: int = 0) -> tuple[nn.Module, str]:
     """The eval-mode model for a spec and a hash of its weights."""
-    from klas.zoo import is_zoo_model, zoo_weights
-
     if random_init:
         torch.manual_seed(seed ^ zlib.crc32(spec.arch.encode()))
         model = _create(spec.arch, pretrained=False)
         return model.eval(), sha256_state_dict(model.state_dict())
     path = spec.path
-    if path is None and is_zoo_model(spec.arch):
-        path = zoo_weights(spec.arch, root=root)
+    if path is None:
+        path = _local_weights(spec.arch, root)
     if path is None:
         try:
             model = _create(spec.arch, pretrained=True)

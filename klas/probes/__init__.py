@@ -1,4 +1,5 @@
 """Per-block linear probes (block feature -> class logits), all trained in one batched computation."""
+from klas.probes._features import FeatureArray, check_features
 from klas.probes.bank import ProbeBank
 from klas.probes.train import (
     DEFAULT_BATCH_SIZE,
@@ -10,6 +11,8 @@ from klas.probes.train import (
 )
 
 __all__ = [
+    "FeatureArray",
+    "check_features",
     "ProbeBank",
     "train_probes",
     "DEFAULT_EPOCHS",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from klas.errors import KlasError
-from klas.probes._features import FeatureArray, check_features
+from klas.probes import FeatureArray, check_features
 from klas.score.kl import blocked_cross_gram, _full_precision_matmul
 from klas.utils import resolve_device
 

@@ -6,17 +6,19 @@
 * :func:`correct_per_image` / :func:`evaluate_all` (``klas.train.evaluate``): the grouped evaluator;
 * :func:`train_run` (``klas.train.loop``): one run of ``klas train``, phase by phase.
 """
+from klas.run import read_selection
+from klas.train.checkpoint import checkpoint_path, load_checkpoint
 from klas.train.config import TrainConfig
 from klas.train.core import Objective, fit, init_stitches, make_optimizer, stitch_sequence, teacher_targets, train_step
 from klas.train.data import SplitData, epoch_positions
 from klas.train.evaluate import correct_per_image, evaluate_all
-from klas.run import read_selection
 from klas.train.loop import TrainResult, train_run
 from klas.train.losses import LOSSES, parse_loss
-from klas.train.results import read_results
+from klas.train.results import read_results, results_selection
 
 __all__ = [
-    "LOSSES", "Objective", "SplitData", "TrainConfig", "TrainResult", "correct_per_image", "epoch_positions",
-    "evaluate_all", "fit", "init_stitches", "make_optimizer", "parse_loss", "read_results", "read_selection",
-    "stitch_sequence", "teacher_targets", "train_run", "train_step",
+    "LOSSES", "Objective", "SplitData", "TrainConfig", "TrainResult", "checkpoint_path", "correct_per_image",
+    "epoch_positions", "evaluate_all", "fit", "init_stitches", "load_checkpoint", "make_optimizer", "parse_loss",
+    "read_results", "read_selection", "results_selection", "stitch_sequence", "teacher_targets", "train_run",
+    "train_step",
 ]

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from klas.errors import KlasError
 from klas.fs import ensure_writable_dir
+from klas.models import register_weights_source
 from klas.utils import DEFAULT_ROOT, read_json, sha256_file
 from klas.zoo.models import arch_args  # importing klas.zoo.models registers the architectures with timm
 from klas.zoo.train import Recipe
@@ -163,6 +164,13 @@ def zoo_weights(arch: str, root: Path = DEFAULT_ROOT, console: Console | None = 
     index = train_zoo(root, names=[arch], console=console)
     return zoo_dir(root) / index[arch]["weights"]
 
+
+def _weights_source(arch: str, root: Path) -> Path | None:
+    """klas.models' local weights source for the demo family (trains a missing or stale model first)."""
+    return zoo_weights(arch, root=root) if is_zoo_model(arch) else None
+
+
+register_weights_source(_weights_source)
 
 __all__ = [
     "FAMILIES", "ZOO_ARCHS", "RECIPES", "SPLIT_SEED",
