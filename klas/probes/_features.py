@@ -172,7 +172,7 @@ def _column_moments(f: FeatureArray, n: int, device: torch.device, chunk: int) -
     for a, b in iter_row_chunks(n, chunk):
         x = read_rows(f, a, b, device, torch.float64)  # (b - a, D)
         c_mean = x.mean(0)
-        c_m2 = (x - c_mean).square().sum(0)
+        c_m2 = (x - c_mean).square_().sum(0)
         if mean is None:
             mean, m2 = c_mean, c_m2
         else:

@@ -66,7 +66,7 @@ DEFAULT_MIN_STEPS = 300
 WARMUP_FRACTION = 0.05
 #: Rows gathered between two :func:`release_pages` calls: bounds the memory-mapped pages the
 #: process keeps resident during training (~RELEASE_ROWS rows of every model's features).
-RELEASE_ROWS = 2048
+RELEASE_ROWS = 512
 
 __all__ = [
     "train_probes",
