@@ -14,8 +14,8 @@ same files. Values are seeded Gaussian noise: memory and time do not depend on t
 Each (trainer, N) runs one epoch (``min_steps=0``) in a fresh interpreter, so the numbers are
 independent; ``--steps K`` stops every run after K optimiser steps and extrapolates the epoch
 time (the streamed trainer's standardisation pass still reads all N rows once, and pages are
-handed back every 512 rows, so a capped run already shows whether memory follows N). Peak memory is the child's resident-set high-water mark (VmHWM, after the data
-were opened; reset through /proc/self/clear_refs just before the call where the kernel allows it),
+handed back after every batch, so a capped run already shows whether memory follows N).
+Peak memory is the child's resident-set high-water mark (VmHWM, after the data were opened; reset through /proc/self/clear_refs just before the call where the kernel allows it),
 reported whole and above the resident set before the call; on CUDA also
 torch.cuda.max_memory_allocated. Time: the setup before the first step (standardisation
 statistics, plus stacking all features for the in-memory trainer) and the median step time from

@@ -162,17 +162,26 @@ def iter_row_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + chunk)
 
 
-def _column_moments(f: FeatureArray, n: int, device: torch.device, chunk: int) -> tuple[Tensor, Tensor]:
+def _column_moments(f: FeatureArray, n: int, buf: Tensor, host: np.ndarray) -> tuple[Tensor, Tensor]:
     """Mean and population std per column of one (N, D) array -> two (D,) float64, one streamed pass.
 
-    Each chunk's mean and centred sum of squares are exact two-pass values in float64; chunks are
-    merged with Chan et al.'s pairwise update, so there is no E[x^2] - E[x]^2 cancellation.
+    Rows are read ``len(buf)`` at a time into the caller's reusable buffers (host staging ``host``
+    (chunk, >= D) in the array's dtype, ``buf`` (chunk, >= D) float64 on the device), so the pass
+    allocates nothing per chunk and the heap cannot fragment with N. Each chunk's mean and centred
+    sum of squares are exact two-pass values in float64; chunks are merged with Chan et al.'s
+    pairwise update, so there is no E[x^2] - E[x]^2 cancellation.
     """
+    d = int(f.shape[1])
     count, mean, m2 = 0, None, None
-    for a, b in iter_row_chunks(n, chunk):
-        x = read_rows(f, a, b, device, torch.float64)  # (b - a, D)
+    for a, b in iter_row_chunks(n, buf.shape[0]):
+        x = buf[: b - a, :d]  # (b - a, D) float64 view
+        if isinstance(f, Tensor):
+            x.copy_(f[a:b])
+        else:
+            np.copyto(host[: b - a, :d], f[a:b], casting="unsafe")
+            x.copy_(torch.from_numpy(host[: b - a, :d]))
         c_mean = x.mean(0)
-        c_m2 = (x - c_mean).square_().sum(0)
+        c_m2 = x.sub_(c_mean).square_().sum(0)
         if mean is None:
             mean, m2 = c_mean, c_m2
         else:
@@ -196,8 +205,11 @@ def moments(
     n, dims = check_features(feats)
     mean = torch.zeros(len(dims), max(dims), dtype=torch.float64, device=device)
     std = torch.ones_like(mean)
+    rows = max(1, min(n, chunk))
+    buf = torch.empty(rows, max(dims), dtype=torch.float64, device=device)  # reused by every chunk of every probe
+    host = np.empty((rows, max(dims)), dtype=np.float16 if storage_dtype(feats) == torch.float16 else np.float64)
     for p, f in enumerate(feats):
-        m, s = _column_moments(f, n, device, chunk)
+        m, s = _column_moments(f, n, buf, host)
         mean[p, : dims[p]] = m
         std[p, : dims[p]] = torch.where(s >= eps, s, torch.ones_like(s))
     return mean.float(), std.float()

@@ -64,10 +64,6 @@ DEFAULT_LR = 3e-3
 DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_MIN_STEPS = 300
 WARMUP_FRACTION = 0.05
-#: Rows gathered between two :func:`release_pages` calls: bounds the memory-mapped pages the
-#: process keeps resident during training (~RELEASE_ROWS rows of every model's features).
-RELEASE_ROWS = 512
-
 __all__ = [
     "train_probes",
     "training_bytes",
@@ -125,7 +121,7 @@ def train_probes(
 
     gen = torch.Generator().manual_seed(seed)
     mapped = [*feats, tgt] if isinstance(tgt, np.ndarray) else feats  # what release_pages may trim
-    step, unreleased = 0, 0
+    step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)  # (N,) shared by all probes, on the CPU
         for start in range(0, n, batch_size):
@@ -133,19 +129,16 @@ def train_probes(
             xb = standardise(gather_rows(feats, idx.numpy(), dmax, dev, torch.float32), mean, inv_std, dtype)
             logits = torch.baddbmm(bias[:, None], xb, weight)  # (P, B, C)
             loss = _loss(logits, _batch_targets(tgt, idx, dev), groups)
+            release_pages(mapped)  # unmap this batch's pages before backward and AdamW peak
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
                 weight.mul_(mask)
-            step, unreleased = step + 1, unreleased + len(idx)
-            if unreleased >= RELEASE_ROWS:
-                release_pages(mapped)
-                unreleased = 0
+            step += 1
             if progress is not None:
                 progress(step, total)
-    release_pages(mapped)
 
     return ProbeBank(
         weight=weight.detach(),
