@@ -1,12 +1,15 @@
-"""Turning P feature arrays of different widths into one zero-padded (P, n, Dmax) tensor.
+"""Reading P feature arrays of different widths as zero-padded (P, rows, Dmax) batches, never all at once.
 
 The cache stores each model's pooled block features as float16 memory-mapped arrays; a probe's
 features are usually a column slice of one, i.e. a non-contiguous read-only view. Everything here
-reads them in row chunks so that no more than one chunk per probe is ever materialised off the
-device, and nothing assumes the arrays fit in memory twice.
+reads a bounded number of rows at a time -- a chunk of consecutive rows, or one mini-batch of rows
+picked by index -- so that memory stays flat in the number of samples N, and hands the pages it
+mapped back to the OS page cache as it goes (:func:`release_pages`), so that the process's resident
+set stays flat too.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Iterator, Sequence, Union
 
 import numpy as np
@@ -14,6 +17,23 @@ import torch
 from torch import Tensor
 
 from klas.errors import KlasError
+
+__all__ = [
+    "FeatureArray",
+    "ROW_CHUNK",
+    "check_features",
+    "storage_dtype",
+    "read_rows",
+    "pad_rows",
+    "gather_rows",
+    "release_pages",
+    "free_bytes",
+    "check_fits",
+    "iter_row_chunks",
+    "moments",
+    "standardise",
+    "feature_mask",
+]
 
 FeatureArray = Union[np.ndarray, Tensor]
 
@@ -89,17 +109,51 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
         )
 
 
-def stack_padded(feats: Sequence[FeatureArray], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """All rows of all probes in one zero-padded tensor -> (P, N, Dmax); costs P*N*Dmax*itemsize bytes on ``device``."""
-    n, dims = check_features(feats)
-    itemsize = torch.finfo(dtype).bits // 8
-    check_fits(len(feats) * n * max(dims) * itemsize, device, "probe training features")
-    out = torch.zeros(len(feats), n, max(dims), device=device, dtype=dtype)
+def gather_rows(feats: Sequence[FeatureArray], idx: np.ndarray, dmax: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Rows ``idx`` (B,) of every probe's features, in that order, zero-padded to Dmax -> (P, B, Dmax).
+
+    Reads only those B rows of each (possibly memory-mapped, strided) array: P*B*Dmax*itemsize bytes.
+    """
+    out = torch.zeros(len(feats), len(idx), dmax, device=device, dtype=dtype)
     for p, f in enumerate(feats):
-        for start in range(0, n, ROW_CHUNK):
-            stop = min(n, start + ROW_CHUNK)
-            out[p, start:stop, : dims[p]] = read_rows(f, start, stop, device, dtype)
+        if isinstance(f, Tensor):
+            rows = f.index_select(0, torch.as_tensor(idx, dtype=torch.int64, device=f.device))
+        else:
+            rows = torch.from_numpy(np.ascontiguousarray(f[idx]))  # fancy indexing copies just these rows
+        out[p, :, : f.shape[1]] = rows.to(device=device, dtype=dtype)
     return out
+
+
+def _mapping(f: FeatureArray) -> mmap.mmap | None:
+    """The read-only mmap behind a np.memmap (or a view of one), else None."""
+    obj = f
+    while isinstance(obj, np.ndarray):
+        if isinstance(obj, np.memmap) and getattr(obj, "_mmap", None) is not None:
+            return obj._mmap if obj.mode == "r" else None  # never drop pages of a copy-on-write map
+        obj = obj.base
+    return None
+
+
+def release_pages(feats: Sequence[FeatureArray]) -> None:
+    """Unmap the pages read so far from read-only memmaps (MADV_DONTNEED); later reads fault them back in.
+
+    The data stay in the OS page cache; only this process's resident set shrinks. Without this, a
+    pass over a memory-mapped cache leaves every page it touched counted in the resident set, which
+    then grows with N although nothing was copied. A no-op for in-memory arrays and tensors.
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    seen: set[int] = set()
+    for f in feats:
+        m = _mapping(f)
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        try:
+            m.madvise(advice)
+        except (OSError, ValueError):  # closed map, or a platform that refuses the advice
+            pass
 
 
 def iter_row_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -108,36 +162,68 @@ def iter_row_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + chunk)
 
 
-def moments(x: Tensor, dims: Sequence[int], eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-probe, per-feature mean and std of a padded (P, N, Dmax) tensor -> two (P, Dmax) float32.
+def _column_moments(f: FeatureArray, n: int, buf: Tensor, host: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Mean and population std per column of one (N, D) array -> two (D,) float64, one streamed pass.
 
-    Two passes with float64 accumulation (no E[x^2] - E[x]^2 cancellation). Padded columns get
-    mean 0 and std 1 so that standardised padding stays exactly 0; near-constant features
-    (std < eps) get std 1 so they standardise to ~0 instead of blowing up.
+    Rows are read ``len(buf)`` at a time into the caller's reusable buffers (host staging ``host``
+    (chunk, >= D) in the array's dtype, ``buf`` (chunk, >= D) float64 on the device), so the pass
+    allocates nothing per chunk and the heap cannot fragment with N. Each chunk's mean and centred
+    sum of squares are exact two-pass values in float64; chunks are merged with Chan et al.'s
+    pairwise update, so there is no E[x^2] - E[x]^2 cancellation.
     """
-    p, n, dmax = x.shape
-    rows = max(1, (1 << 23) // max(1, p * dmax))  # ~64 MiB of float64 per chunk
-    total = torch.zeros(p, dmax, dtype=torch.float64, device=x.device)
-    for a, b in iter_row_chunks(n, rows):
-        total += x[:, a:b].double().sum(1)
-    mean = total / n  # (P, Dmax)
-    sq = torch.zeros_like(total)
-    for a, b in iter_row_chunks(n, rows):
-        sq += (x[:, a:b].double() - mean[:, None]).square().sum(1)
-    std = (sq / n).sqrt()
-    real = feature_mask(dims, dmax, x.device)  # (P, Dmax) bool
-    std = torch.where(real & (std >= eps), std, torch.ones_like(std))
-    mean = torch.where(real, mean, torch.zeros_like(mean))
+    d = int(f.shape[1])
+    count, mean, m2 = 0, None, None
+    for a, b in iter_row_chunks(n, buf.shape[0]):
+        x = buf[: b - a, :d]  # (b - a, D) float64 view
+        if isinstance(f, Tensor):
+            x.copy_(f[a:b])
+        else:
+            np.copyto(host[: b - a, :d], f[a:b], casting="unsafe")
+            x.copy_(torch.from_numpy(host[: b - a, :d]))
+        c_mean = x.mean(0)
+        c_m2 = x.sub_(c_mean).square_().sum(0)
+        if mean is None:
+            mean, m2 = c_mean, c_m2
+        else:
+            delta, total = c_mean - mean, count + (b - a)
+            mean = mean + delta * ((b - a) / total)
+            m2 = m2 + c_m2 + delta.square() * (count * (b - a) / total)
+        count += b - a
+        release_pages([f])
+    return mean, (m2 / count).sqrt()
+
+
+def moments(
+    feats: Sequence[FeatureArray], device: torch.device, eps: float = 1e-6, chunk: int = ROW_CHUNK
+) -> tuple[Tensor, Tensor]:
+    """Per-probe, per-feature mean and std of P arrays (N, D_p), streamed -> two padded (P, Dmax) float32.
+
+    Reads ``chunk`` rows of one probe at a time (float64 maths), so memory does not depend on N.
+    Padded columns get mean 0 and std 1 so that standardised padding stays exactly 0; near-constant
+    features (std < eps) get std 1 so they standardise to ~0 instead of blowing up.
+    """
+    n, dims = check_features(feats)
+    mean = torch.zeros(len(dims), max(dims), dtype=torch.float64, device=device)
+    std = torch.ones_like(mean)
+    rows = max(1, min(n, chunk))
+    buf = torch.empty(rows, max(dims), dtype=torch.float64, device=device)  # reused by every chunk of every probe
+    host = np.empty((rows, max(dims)), dtype=np.float16 if storage_dtype(feats) == torch.float16 else np.float64)
+    for p, f in enumerate(feats):
+        m, s = _column_moments(f, n, buf, host)
+        mean[p, : dims[p]] = m
+        std[p, : dims[p]] = torch.where(s >= eps, s, torch.ones_like(s))
     return mean.float(), std.float()
 
 
-def standardise_(x: Tensor, mean: Tensor, std: Tensor) -> None:
-    """In place, x <- (x - mean) / std per probe and column, a row chunk at a time (float32 maths); x (P, N, Dmax)."""
-    p, n, dmax = x.shape
-    rows = max(1, (1 << 24) // max(1, p * dmax))  # ~64 MiB of float32 per chunk
-    inv = std.reciprocal()[:, None]  # (P, 1, Dmax)
-    for a, b in iter_row_chunks(n, rows):
-        x[:, a:b] = ((x[:, a:b].float() - mean[:, None]) * inv).to(x.dtype)
+def standardise(x: Tensor, mean: Tensor, inv_std: Tensor, dtype: torch.dtype) -> Tensor:
+    """(x - mean) * inv_std per probe and column in float32, rounded once through ``dtype`` -> (P, B, Dmax) float32.
+
+    x (P, B, Dmax) raw, mean and inv_std (P, Dmax). Rounding through the storage dtype (float16 for
+    the cache) reproduces exactly what the trainer got when it standardised all features in place
+    in that dtype; the re-rounding of N(0, 1) values is far below the cache's own float16 rounding.
+    """
+    z = (x.float() - mean[:, None]) * inv_std[:, None]
+    return z if dtype == torch.float32 else z.to(dtype).float()
 
 
 def feature_mask(dims: Sequence[int] | Tensor, dmax: int, device: torch.device) -> Tensor:

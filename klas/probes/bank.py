@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from klas.errors import KlasError
-from klas.probes._features import FeatureArray, check_features, iter_row_chunks, pad_rows
+from klas.probes._features import FeatureArray, check_features, iter_row_chunks, pad_rows, release_pages
 from klas.utils import resolve_device
+
+__all__ = ["ProbeBank", "LOGIT_CHUNK_BYTES"]
 
 _FORMAT = "klas-probe-bank"
 _VERSION = "1"
@@ -80,14 +82,17 @@ class ProbeBank:
         """Stream logits chunk by chunk -> (P, <=batch_size, C) each; feeds :func:`klas.score.kl_matrix`.
 
         ``batch_size=None`` sizes chunks to ~64 MiB of float32 logits (430 samples at P=39, C=1000),
-        which keeps the scorer's memory flat and its GEMM efficient.
+        which keeps the scorer's memory flat and its GEMM efficient; pages of memory-mapped
+        features are handed back after every chunk, so the resident set stays flat in n too.
         """
         n = self._check(feats)
         dmax = int(self.weight.shape[1])
         if batch_size is None:
             batch_size = LOGIT_CHUNK_BYTES // (4 * self.num_probes * self.num_classes)
         for a, b in iter_row_chunks(n, max(1, int(batch_size))):
-            yield self._forward(pad_rows(feats, a, b, dmax, self.device, torch.float32))
+            z = self._forward(pad_rows(feats, a, b, dmax, self.device, torch.float32))
+            release_pages(feats)
+            yield z
 
     @torch.no_grad()
     def accuracy(self, feats: Sequence[FeatureArray], labels: np.ndarray | Tensor, batch_size: int = 4096) -> np.ndarray:

@@ -7,9 +7,10 @@ sklearn's LogisticRegression over C in {0.01, 0.1, 1}; lr 1e-3 under-converged, 
 the hard probes.
 
 * features standardised per probe and column with mean/std fitted on the training features
-  (float64 two-pass), so one learning rate suits every block of every model; standardised once,
-  in place, in the storage dtype (float16 re-rounding of N(0, 1) values is far below the cache's
-  own float16 rounding of the raw features), not at every step;
+  (float64, one streamed pass), so one learning rate suits every block of every model; each
+  mini-batch is standardised in float32 and rounded once through the storage dtype (float16 for
+  the cache: the re-rounding of N(0, 1) values is far below the cache's own float16 rounding of
+  the raw features), exactly the values the earlier all-in-memory trainer used;
 * weights and biases start at exactly 0: the problem is convex, and zero init makes each probe's
   trajectory independent of the others, so batching cannot change the result;
 * AdamW (betas 0.9/0.999), lr 3e-3, weight decay 1e-4 on weights only (not biases), 5% linear
@@ -23,9 +24,12 @@ the hard probes.
 Padded weight rows see exactly-zero inputs, hence exactly-zero gradients and updates; they are
 also re-masked after every step so they are 0 by construction, not only by arithmetic.
 
-Memory on the training device: the padded features P*N*Dmax*itemsize (float16 when the inputs
-are float16, as in the cache; float32 otherwise), plus soft targets G*N*C*4 bytes in "model"
-mode, plus weights and AdamW state 3*P*Dmax*C*4, plus one step's activations ~P*B*(Dmax+3C)*4.
+Streaming: features are never held whole. Every step gathers its B rows (the same seeded
+permutation as before) from the given arrays -- typically the cache's memory-mapped float16
+views -- pads them to Dmax, standardises and runs the batched step, so results are those of
+the earlier in-memory trainer while memory is flat in N: weights, gradients and AdamW state
+4*P*(Dmax+1)*C*4 bytes plus one step's working set ~P*B*(3*Dmax+5*C)*4. Soft targets are read
+the same way, B rows per step, from whatever (G, N, C) array the caller holds.
 """
 from __future__ import annotations
 
@@ -39,12 +43,16 @@ from torch import Tensor
 
 from klas.errors import KlasError
 from klas.probes._features import (
+    ROW_CHUNK,
     FeatureArray,
     check_features,
+    check_fits,
     feature_mask,
+    gather_rows,
+    iter_row_chunks,
     moments,
-    stack_padded,
-    standardise_,
+    release_pages,
+    standardise,
     storage_dtype,
 )
 from klas.probes.bank import ProbeBank
@@ -56,6 +64,15 @@ DEFAULT_LR = 3e-3
 DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_MIN_STEPS = 300
 WARMUP_FRACTION = 0.05
+__all__ = [
+    "train_probes",
+    "training_bytes",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_LR",
+    "DEFAULT_WEIGHT_DECAY",
+    "DEFAULT_MIN_STEPS",
+]
 
 
 def train_probes(
@@ -86,14 +103,14 @@ def train_probes(
     n, dims = check_features(feats, "probe features")
     _check_hparams(epochs, batch_size, lr, weight_decay, num_classes)
     tgt, groups = _prepare_targets(targets, n, num_classes, len(dims), target_index, dev)
+    p, dmax = len(dims), max(dims)
+    check_fits(training_bytes(p, dmax, num_classes, min(batch_size, n)), dev, "probe training (weights, optimiser state, one batch)")
 
-    x = stack_padded(feats, dev, storage_dtype(feats))  # (P, N, Dmax) raw
-    mean, std = moments(x, dims)  # (P, Dmax) each
-    standardise_(x, mean, std)  # (P, N, Dmax) now standardised, padding still 0
-    mask = feature_mask(dims, x.shape[2], dev).unsqueeze(-1).float()  # (P, Dmax, 1)
-
-    weight = torch.zeros(len(dims), x.shape[2], num_classes, device=dev, requires_grad=True)  # (P, Dmax, C)
-    bias = torch.zeros(len(dims), num_classes, device=dev, requires_grad=True)  # (P, C)
+    mean, std = moments(feats, dev)  # (P, Dmax) each, one streamed pass
+    inv_std, dtype = std.reciprocal(), storage_dtype(feats)
+    mask = feature_mask(dims, dmax, dev).unsqueeze(-1).float()  # (P, Dmax, 1)
+    weight = torch.zeros(p, dmax, num_classes, device=dev, requires_grad=True)  # (P, Dmax, C)
+    bias = torch.zeros(p, num_classes, device=dev, requires_grad=True)  # (P, C)
     opt = torch.optim.AdamW(
         [{"params": [weight], "weight_decay": weight_decay}, {"params": [bias], "weight_decay": 0.0}], lr=lr
     )
@@ -103,14 +120,16 @@ def train_probes(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total))
 
     gen = torch.Generator().manual_seed(seed)
+    mapped = [*feats, tgt] if isinstance(tgt, np.ndarray) else feats  # what release_pages may trim
     step = 0
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(dev)  # (N,) shared by all probes
+        perm = torch.randperm(n, generator=gen)  # (N,) shared by all probes, on the CPU
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]  # (B,)
-            xb = x.index_select(1, idx).float()  # (P, B, Dmax)
+            xb = standardise(gather_rows(feats, idx.numpy(), dmax, dev, torch.float32), mean, inv_std, dtype)
             logits = torch.baddbmm(bias[:, None], xb, weight)  # (P, B, C)
-            loss = _loss(logits, tgt, groups, idx)
+            loss = _loss(logits, _batch_targets(tgt, idx, dev), groups)
+            release_pages(mapped)  # unmap this batch's pages before backward and AdamW peak
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -130,13 +149,33 @@ def train_probes(
     )
 
 
-def _loss(logits: Tensor, tgt: Tensor, groups: Tensor | None, idx: Tensor) -> Tensor:
-    """Sum over probes of each probe's batch-mean (soft) cross-entropy; logits (P, B, C)."""
+def training_bytes(num_probes: int, dmax: int, num_classes: int, batch: int) -> int:
+    """Device bytes the trainer needs, independent of N: parameters, their gradients and two AdamW
+    moments (4*P*(Dmax+1)*C float32), plus one step's batch (raw and standardised, P*B*Dmax each)
+    and logits-sized tensors (logits, log-softmax, their gradients, soft targets: ~5*P*B*C)."""
+    params = 4 * num_probes * (dmax + 1) * num_classes
+    step = num_probes * batch * (3 * dmax + 5 * num_classes)
+    return 4 * (params + step)
+
+
+def _batch_targets(tgt: Tensor | np.ndarray, idx: Tensor, dev: torch.device) -> Tensor:
+    """This step's targets: labels (B,) int64, or probabilities (G, B, C) float32, on ``dev``."""
+    if isinstance(tgt, Tensor) and tgt.dtype == torch.int64:  # labels, kept whole on the device (8 bytes a row)
+        return tgt.index_select(0, idx.to(tgt.device))
+    if isinstance(tgt, Tensor):
+        rows = tgt.index_select(1, idx.to(tgt.device))
+    else:
+        rows = torch.from_numpy(np.ascontiguousarray(tgt[:, idx.numpy()]))
+    return rows.to(device=dev).float()
+
+
+def _loss(logits: Tensor, tgt: Tensor, groups: Tensor | None) -> Tensor:
+    """Sum over probes of each probe's batch-mean (soft) cross-entropy; logits (P, B, C), tgt (B,) or (G, B, C)."""
     p, b, c = logits.shape
-    if tgt.dtype == torch.int64:  # hard labels (N,)
-        y = tgt.index_select(0, idx).repeat(p)  # (P*B,) probe-major, matching logits.reshape
+    if tgt.dtype == torch.int64:  # hard labels (B,)
+        y = tgt.repeat(p)  # (P*B,) probe-major, matching logits.reshape
         return F.cross_entropy(logits.reshape(p * b, c), y, reduction="sum") / b
-    q = tgt.index_select(1, idx).float()  # (G, B, C)
+    q = tgt  # (G, B, C)
     if groups is not None:
         q = q.index_select(0, groups)  # (P, B, C)
     return -(q * F.log_softmax(logits, dim=-1)).sum() / b
@@ -171,13 +210,15 @@ def _prepare_targets(
     num_probes: int,
     target_index: Sequence[int] | Tensor | None,
     dev: torch.device,
-) -> tuple[Tensor, Tensor | None]:
-    """Validate targets; return (labels (N,) int64 | probabilities (G, N, C), group index (P,) or None)."""
-    t = targets if isinstance(targets, Tensor) else torch.from_numpy(np.asarray(targets))
+) -> tuple[Tensor | np.ndarray, Tensor | None]:
+    """Validate targets; return (labels (N,) int64 on ``dev`` | probabilities (G, N, C) left where
+    the caller holds them, read B rows per step; group index (P,) or None)."""
+    t = targets if isinstance(targets, Tensor) else np.asarray(targets)
     if t.ndim == 1:
+        t = t if isinstance(t, Tensor) else torch.from_numpy(np.array(t))  # a small writable copy
         return _prepare_labels(t, n, num_classes, dev), None
     if t.ndim == 2:
-        t = t.unsqueeze(0)  # (1, N, C): one target distribution for every probe
+        t = t[None]  # (1, N, C): one target distribution for every probe
         if target_index is not None:
             raise KlasError("target_index only applies to per-group (G, N, C) soft targets")
         target_index = [0] * num_probes
@@ -187,8 +228,8 @@ def _prepare_targets(
             f"or (groups, {n}, {num_classes}) probabilities"
         )
     groups = _prepare_groups(target_index, t.shape[0], num_probes, dev)
-    probs = _prepare_probs(t, dev)
-    return probs, groups
+    _check_probs(t)
+    return t, groups
 
 
 def _prepare_labels(t: Tensor, n: int, num_classes: int, dev: torch.device) -> Tensor:
@@ -213,13 +254,16 @@ def _prepare_groups(index: Sequence[int] | Tensor | None, g: int, num_probes: in
     return idx.to(dev)
 
 
-def _prepare_probs(t: Tensor, dev: torch.device) -> Tensor:
-    """Soft targets (G, N, C) -> float32 (float16 kept as is) on ``dev``, checked to be distributions."""
-    if not t.is_floating_point():
+def _check_probs(t: Tensor | np.ndarray) -> None:
+    """Soft targets (G, N, C) must be distributions: checked ROW_CHUNK rows at a time, as the trainer reads them."""
+    floating = t.is_floating_point() if isinstance(t, Tensor) else np.issubdtype(t.dtype, np.floating)
+    if not floating:
         raise KlasError("2-D/3-D targets must be probabilities (float)")
-    dtype = torch.float16 if t.dtype == torch.float16 else torch.float32
-    t = t.to(device=dev, dtype=dtype)
-    sums = t.float().sum(-1)
-    if not bool(torch.isfinite(sums).all()) or bool((t < 0).any()) or float((sums - 1).abs().max()) > 1e-2:
-        raise KlasError("soft targets must be probabilities (non-negative rows summing to 1), e.g. a softmax, not logits")
-    return t
+    for a, b in iter_row_chunks(int(t.shape[1]), ROW_CHUNK):
+        q = t[:, a:b] if isinstance(t, Tensor) else torch.from_numpy(np.ascontiguousarray(t[:, a:b]))
+        q = q.float()  # (G, b - a, C)
+        sums = q.sum(-1)
+        if not bool(torch.isfinite(sums).all()) or bool((q < 0).any()) or float((sums - 1).abs().max()) > 1e-2:
+            raise KlasError("soft targets must be probabilities (non-negative rows summing to 1), e.g. a softmax, not logits")
+    if isinstance(t, np.ndarray):
+        release_pages([t])
