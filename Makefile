@@ -32,4 +32,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_scorer.py
+	$(PY) benchmarks/bench_search_scale.py
 	$(PY) benchmarks/bench_quality.py

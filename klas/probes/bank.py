@@ -1,7 +1,6 @@
 """ProbeBank: P linear probes (block feature -> class logits) stored as one padded tensor set."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from klas.errors import KlasError
+from klas.fs import atomic_path
 from klas.probes._features import FeatureArray, check_features, iter_row_chunks, pad_rows, release_pages
 from klas.utils import resolve_device
 
@@ -113,12 +113,9 @@ class ProbeBank:
         """Write the bank as one safetensors file (atomically: readers never see a torn file)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in _KEYS}
-        save_file(tensors, str(tmp), metadata={"format": _FORMAT, "version": _VERSION})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "version": _VERSION})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ProbeBank":
