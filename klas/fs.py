@@ -28,7 +28,7 @@ from typing import IO, Any, Callable, Iterator
 from klas.errors import KlasError
 
 __all__ = [
-    "DEFAULT_ROOT", "MARKER", "LOCK", "atomic_write", "write_json_atomic", "read_json", "atomic_dir",
+    "DEFAULT_ROOT", "MARKER", "LOCK", "atomic_write", "atomic_path", "write_json_atomic", "read_json", "atomic_dir",
     "ensure_writable_dir", "check_free_space", "dir_kind", "claim_dir", "clear_dir", "DirLock",
 ]
 
