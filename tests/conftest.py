@@ -36,3 +36,14 @@ def vit_cache(tmp_path_factory):
     finally:
         torch.set_num_threads(n)
     return root / "c"
+
+
+@pytest.fixture
+def no_probe_training(monkeypatch):
+    """Fail the test if ``klas.search.search`` reaches the long work (probe training)."""
+    import klas.probes
+
+    def refuse(*a, **k):
+        raise AssertionError("search trained probes before refusing")
+
+    monkeypatch.setattr(klas.probes, "train_probes", refuse)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import klas.probes
 from klas.errors import KlasError
 from klas.fs import MARKER, DirLock
 from klas.run import LATER_STAGES, SELECTION, read_selection
@@ -38,15 +37,6 @@ def fake_training(run: Path) -> None:
     (run / "checkpoints" / "last.pt").write_bytes(b"old checkpoint")
     (run / "export").mkdir()
     (run / "export" / "front.csv").write_text("id\n")
-
-
-@pytest.fixture
-def no_probe_training(monkeypatch):
-    """Fail the test if search reaches the long work (probe training)."""
-    def refuse(*a, **k):
-        raise AssertionError("search trained probes before refusing")
-
-    monkeypatch.setattr(klas.probes, "train_probes", refuse)
 
 
 def test_a_new_selection_removes_the_runs_training_and_export(vit_cache, tmp_path):

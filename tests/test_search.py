@@ -13,7 +13,6 @@ import pytest
 import torch
 from rich.console import Console
 
-import klas.probes
 from klas.errors import KlasError
 from klas.fs import MARKER
 from klas.run import CANDIDATES, PROBE_ACCURACY, SEARCH_FILES, SELECTION, SELECTION_FORMAT, read_selection
@@ -91,15 +90,6 @@ def test_every_strategy_selects_within_the_budget(vit_cache, tmp_path, strategy)
     over = [r for r in result.rows if r["macs"] > BUDGET * 1e9]
     assert over and not any(r["selected"] for r in over)
     assert all(r["strategy"] == strategy for r in result.rows)
-
-
-@pytest.fixture
-def no_probe_training(monkeypatch):
-    """Fail the test if search reaches the long work (probe training)."""
-    def refuse(*a, **k):
-        raise AssertionError("search trained probes before refusing")
-
-    monkeypatch.setattr(klas.probes, "train_probes", refuse)
 
 
 @pytest.mark.parametrize("settings, flag", [
