@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -165,9 +165,10 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     stitches = enumerate_stitches(cache.profiles, inputs["direction"], inputs["layer"])
     anchor_list = anchors(cache.profiles)
     index = _probe_index(cache)
-    bank, score_feats, theta, cka = _probe_and_score(cache, index, inputs, dev, console, progress)
+    bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress)
     probe_accuracy = _probe_accuracy(cache, bank, score_feats, index, inputs["probe_target"])
-    th, sigma, gamma, cka_dist = _stitch_scores(theta, cka, stitches, index)
+    th, sigma, gamma = _stitch_scores(theta, stitches, index)
+    cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
     budget_macs = _budget_macs(inputs["budget"])
     keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=gamma,
                           cka_distance=cka_dist, budget_macs=budget_macs, buckets=inputs["buckets"],
@@ -192,10 +193,10 @@ def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str
 
 
 def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, dev: torch.device, console: Console,
-                     progress: bool) -> tuple[ProbeBank, list[np.ndarray], np.ndarray, np.ndarray | None]:
-    """Train every probe, then Θ (P, P) between their score-split distributions (and CKA for ``cka``).
+                     progress: bool) -> tuple[ProbeBank, list[np.ndarray], np.ndarray]:
+    """Train every probe, then Θ (P, P) between their score-split distributions.
 
-    Returns the bank, the score-split features, Θ and the linear CKA matrix (None unless strategy cka).
+    Returns the bank, the score-split features and Θ.
     """
     targets, target_index, classes = _probe_targets(cache, index, inputs["probe_target"])
     with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -216,8 +217,7 @@ def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, d
 
         theta = score.kl_matrix(counted(bank.iter_logits(score_feats)), temperature=inputs["temperature"],
                                 device=dev).numpy()
-        cka = score.linear_cka_matrix(score_feats, seed=inputs["seed"]).numpy() if inputs["strategy"] == "cka" else None
-    return bank, score_feats, theta, cka
+    return bank, score_feats, theta
 
 
 def _probe_accuracy(cache: Cache, bank: ProbeBank, score_feats: list[np.ndarray], index: list[tuple[str, int]],
@@ -229,18 +229,30 @@ def _probe_accuracy(cache: Cache, bank: ProbeBank, score_feats: list[np.ndarray]
             for m in cache.model_names}
 
 
-def _stitch_scores(theta: np.ndarray, cka: np.ndarray | None, stitches: list[Candidate],
-                   index: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Per stitch: Θ(a_src, b_dst), Σ = Θ(b_dst, b_dst+1), Γ = Θ / max(Σ, floor), and 1 - CKA (or None)."""
+def _positions(stitches: Sequence[Candidate], index: list[tuple[str, int]], dst_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bank positions of each stitch's source representation and of its target's ``dst_cut + dst_offset``."""
     where = {key: p for p, key in enumerate(index)}
-    t_idx = np.array([where[(c.src, c.src_cut)] for c in stitches])
-    d_idx = np.array([where[(c.dst, c.dst_cut)] for c in stitches])
-    n_idx = np.array([where[(c.dst, c.dst_cut + 1)] for c in stitches])
+    return (np.array([where[(c.src, c.src_cut)] for c in stitches]),
+            np.array([where[(c.dst, c.dst_cut + dst_offset)] for c in stitches]))
+
+
+def _stitch_scores(theta: np.ndarray, stitches: list[Candidate],
+                   index: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per stitch: Θ(a_src, b_dst), Σ = Θ(b_dst, b_dst+1) and Γ = Θ / max(Σ, floor)."""
+    t_idx, d_idx = _positions(stitches, index)
+    _, n_idx = _positions(stitches, index, dst_offset=1)
     th = theta[t_idx, d_idx]
     sigma = theta[d_idx, n_idx]
-    gamma = th / np.maximum(sigma, SIGMA_FLOOR)
-    cka_dist = 1.0 - cka[t_idx, d_idx] if cka is not None else None
-    return th, sigma, gamma, cka_dist
+    return th, sigma, th / np.maximum(sigma, SIGMA_FLOOR)
+
+
+def cka_distance(cache: Cache, stitches: Sequence[Candidate], seed: int) -> np.ndarray:
+    """1 - linear CKA between each stitch's source and target representations on the score split
+    (``strategy="cka"``'s score, lower is better; the CKA subsample is seeded)."""
+    index = _probe_index(cache)
+    cka = score.linear_cka_matrix(_features(cache, "score", index), seed=seed).numpy()
+    t_idx, d_idx = _positions(stitches, index)
+    return 1.0 - cka[t_idx, d_idx]
 
 
 def _selection(cache: Cache, inputs: dict, num_candidates: int, anchor_list: list[Candidate], rows: list[dict],
@@ -316,4 +328,4 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
                         f"or --overwrite to replace it (its training and export go with it)")
 
 
-__all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "search"]
+__all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "cka_distance", "search"]
