@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from klas.errors import KlasError
-from klas.fs import DEFAULT_ROOT
+from klas.fs import DEFAULT_ROOT, format_bytes
 from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE
 
 try:  # typer >= 0.22 carries its own copy of click
@@ -44,14 +44,6 @@ app.add_typer(export_app, name="export")
 
 out = Console()
 err = Console(stderr=True)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @app.command()
@@ -119,7 +111,7 @@ def _print_cache(summary) -> None:
     for col in ("model", "blocks", "GFLOPs", "images", "written"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in summary.rows:
-        table.add_row(row["model"], str(row["blocks"]), f"{row['gflops']:.4f}", str(row["images"]), _bytes(row["bytes"]))
+        table.add_row(row["model"], str(row["blocks"]), f"{row['gflops']:.4f}", str(row["images"]), format_bytes(row["bytes"]))
     out.print(table)
     if summary.images:
         out.print(f"{summary.images} images through {len(summary.rows)} models in {summary.seconds:.1f} s")

@@ -28,8 +28,8 @@ from typing import IO, Any, Callable, Iterator
 from klas.errors import KlasError
 
 __all__ = [
-    "DEFAULT_ROOT", "MARKER", "LOCK", "atomic_write", "write_json_atomic", "read_json", "atomic_dir",
-    "ensure_writable_dir", "check_free_space", "dir_kind", "claim_dir", "clear_dir", "DirLock",
+    "DEFAULT_ROOT", "MARKER", "LOCK", "atomic_write", "atomic_path", "write_json_atomic", "read_json", "atomic_dir",
+    "ensure_writable_dir", "check_free_space", "format_bytes", "dir_kind", "claim_dir", "clear_dir", "DirLock",
 ]
 
 #: Where klas writes by default; override with the KLAS_CACHE environment variable.
@@ -155,12 +155,13 @@ def check_free_space(path: Path | str, needed_bytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise KlasError(
-            f"not enough disk space at {probe}: need {_size(needed_bytes)}, {_size(free)} free; "
+            f"not enough disk space at {probe}: need {format_bytes(needed_bytes)}, {format_bytes(free)} free; "
             "free some space or choose another --out"
         )
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ... up to GiB (binary units, one decimal)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -12,6 +12,7 @@ Costs are in any unit (klas uses GFLOPs, fvcore convention), accuracies are frac
   (KLAS, ICLR 2026, Table 1).
 * :func:`spearman`: rank correlation of a score (higher = predicted better) with real accuracy.
 * :func:`percentile_ci`: a 95 % percentile interval of bootstrap values.
+* :func:`is_finite`: whether a table cell holds a usable number.
 
 Imports numpy (and scipy for :func:`spearman`) only.
 """
@@ -23,7 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 
-def _finite(v: Any) -> bool:
+def is_finite(v: Any) -> bool:
+    """True for a real number that is neither NaN nor infinite (None, strings and the like: False)."""
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -36,7 +38,7 @@ def pareto_front(points: Iterable[Mapping[str, Any]], cost: str = "gflops", acc:
     are kept; the result is ordered by (cost, -accuracy, ``key``), independent of the input order.
     Points whose cost or accuracy is missing or not finite are ignored.
     """
-    pts = [dict(p) for p in points if _finite(p.get(cost)) and _finite(p.get(acc))]
+    pts = [dict(p) for p in points if is_finite(p.get(cost)) and is_finite(p.get(acc))]
     pts.sort(key=lambda p: (p[cost], -p[acc], str(p.get(key))))
     front: list[dict] = []
     best = -math.inf  # best accuracy among strictly cheaper points
@@ -140,4 +142,4 @@ def percentile_ci(values: Sequence[float], level: float = 0.95) -> list[float] |
     return [float(np.percentile(values, 50 - half)), float(np.percentile(values, 50 + half))]
 
 
-__all__ = ["front_summary", "hypervolume", "pareto_front", "percentile_ci", "recovery", "spearman", "step_value"]
+__all__ = ["front_summary", "hypervolume", "is_finite", "pareto_front", "percentile_ci", "recovery", "spearman", "step_value"]

@@ -10,8 +10,8 @@ For each demo family (``klas.zoo.FAMILIES``: the ViT trio and the ResNet pair, t
 1. **Cache.** ``klas.cache.build_cache`` on digits: the whole probe-train / score / eval splits
    (``--quick``: 300 images of each), split seed 0, the zoo's split, so eval images were never trained on.
 2. **Search.** ``klas.search.search(strategy="klas")`` writes a real run directory; Γ of every
-   candidate comes from it. The CKA distance ``1 - CKA`` is computed with ``klas.score.linear_cka_matrix``
-   on the score split exactly as ``search(strategy="cka")`` does, and every strategy's selection is
+   candidate comes from it. The CKA distance ``1 - CKA`` comes from ``klas.search.cka_distance``,
+   the function ``search(strategy="cka")`` uses, and every strategy's selection is
    made by ``klas.select.select`` on the same candidates, buckets and scores, i.e. what ``klas search
    --strategy S`` writes (the probes are seeded, so re-running search per strategy would retrain the
    same probes; ``tests/test_bench_quality.py`` checks the equivalence). Only probe-train and score are read here.
@@ -95,8 +95,7 @@ from klas.cache import build_cache, open_cache
 from klas.errors import KlasError
 from klas.metrics import front_summary, percentile_ci, recovery, spearman
 from klas.optim import warmup_cosine, warmup_steps_of
-from klas.score import linear_cka_matrix
-from klas.search import search
+from klas.search import cka_distance, search
 from klas.select import select, select_count_by_score, select_random, select_snnet_count, snnet_levels
 from klas.stitch.candidates import Candidate, anchors as list_anchors, enumerate_stitches
 from klas.stitch.init import DEFAULT_RIDGE
@@ -156,17 +155,6 @@ def build_family_cache(models: Sequence[str], out: Path, cfg: QualityConfig, roo
     build_cache(list(models), "digits", out, limit=cfg.limit, random_init=cfg.random_init, seed=0, root=root,
                 overwrite=True, console=_quiet(), progress=False)
     return open_cache(out)
-
-
-def cka_distance(cache, stitches: Sequence[Candidate], seed: int) -> np.ndarray:
-    """1 - linear CKA on the score split, as ``search(strategy="cka")`` computes it."""
-    index = [(m, r.index) for m in cache.model_names for r in cache.profiles[m].reps]
-    where = {key: p for p, key in enumerate(index)}
-    feats = [cache.rep_features("score", m, r) for m, r in index]
-    cka = linear_cka_matrix(feats, seed=seed).numpy()
-    t = np.array([where[(c.src, c.src_cut)] for c in stitches])
-    d = np.array([where[(c.dst, c.dst_cut)] for c in stitches])
-    return 1.0 - cka[t, d]
 
 
 def make_selections(stitches, anchor_list, profiles, gamma, cka_dist, cfg: QualityConfig) -> tuple[dict, np.ndarray, dict]:

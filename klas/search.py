@@ -23,16 +23,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from klas import probes, score
 from klas.cache import Cache, open_cache
 from klas.errors import KlasError
 from klas.fs import DirLock, read_json
+from klas.probes import ProbeBank
 from klas.run import SELECTION, SELECTION_FORMAT, claim_run, write_search
 from klas.select import STRATEGIES, check_budget, check_selection_args, select
 from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
@@ -66,12 +68,19 @@ def _probe_index(cache: Cache) -> list[tuple[str, int]]:
 
 
 def _features(cache: Cache, split: str, index: list[tuple[str, int]]) -> list[np.ndarray]:
+    """One split's cached features of every probe's representation, in bank order (memmaps)."""
     return [cache.rep_features(split, m, r) for m, r in index]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits in float32."""
     z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
     return torch.softmax(z, dim=1).numpy()
+
+
+def _budget_macs(budget: float | None) -> float | None:
+    """A ``--budget`` in GFLOPs as multiply-adds (the unit of every candidate's cost); None: no budget."""
+    return budget * 1e9 if budget is not None else None
 
 
 def _check_options(temperature: float, probe_epochs: int, direction: str, layer: str) -> None:
@@ -87,6 +96,7 @@ def _check_options(temperature: float, probe_epochs: int, direction: str, layer:
 
 
 def _check_cache(cache: Cache, probe_target: str) -> None:
+    """Refuse, in one line naming the fix, a cache search cannot use (one model, missing split, labels)."""
     if len(cache.model_names) < 2:
         raise KlasError(
             f"cache {cache.path} has {len(cache.model_names)} model; stitching needs at least two: "
@@ -136,7 +146,7 @@ def search(
     cache = open_cache(cache_path)
     _check_cache(cache, probe_target)
     check_budget(enumerate_stitches(cache.profiles, direction, layer), anchors(cache.profiles),
-                 budget * 1e9 if budget is not None else None)
+                 _budget_macs(budget))
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-{strategy}"
     inputs = {
         "cache": cache.fingerprint, "budget": budget, "strategy": strategy, "buckets": buckets, "tau": tau,
@@ -151,74 +161,111 @@ def search(
 
 def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device, start: float, console: Console,
                    progress: bool) -> SearchResult:
-    """The search proper, run while this process holds the run's lock."""
-    from klas.probes import train_probes
-    from klas.score import kl_matrix, linear_cka_matrix
-
-    budget, strategy, buckets, tau = inputs["budget"], inputs["strategy"], inputs["buckets"], inputs["tau"]
-    direction, probe_target, layer, seed = inputs["direction"], inputs["probe_target"], inputs["layer"], inputs["seed"]
-    temperature, probe_epochs = inputs["temperature"], inputs["probe_epochs"]
-    profiles = cache.profiles
-    stitches = enumerate_stitches(profiles, direction, layer)
-    anchor_list = anchors(profiles)
+    """The search proper, run while this process holds the run's lock: score, select, write the run."""
+    stitches = enumerate_stitches(cache.profiles, inputs["direction"], inputs["layer"])
+    anchor_list = anchors(cache.profiles)
     index = _probe_index(cache)
-    where = {key: p for p, key in enumerate(index)}
+    bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress)
+    probe_accuracy = _probe_accuracy(cache, bank, score_feats, index, inputs["probe_target"])
+    th, sigma, gamma = _stitch_scores(theta, stitches, index)
+    cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
+    budget_macs = _budget_macs(inputs["budget"])
+    keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=gamma,
+                          cka_distance=cka_dist, budget_macs=budget_macs, buckets=inputs["buckets"],
+                          tau=inputs["tau"], seed=inputs["seed"])
+    rows = _rows(stitches, anchor_list, th, sigma, gamma, cka_dist, keep, bucket, inputs["strategy"], budget_macs)
+    pairs = _anchor_pairs(cache, inputs["temperature"], dev)
+    selection = _selection(cache, inputs, len(stitches), anchor_list, rows, pairs)
+    write_search(run_dir, rows, bank, probe_accuracy, selection)
+    return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start)
 
-    labels = np.array(cache.labels("probe-train"))  # a writable copy: torch refuses read-only memmaps
+
+def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str) -> tuple[np.ndarray, list[int] | None, int]:
+    """What the probes learn: (targets, which model's targets each probe uses, number of classes).
+
+    ``labels``: the probe-train labels, shared by every probe. ``model``: each model's own final
+    softmax (k, N, C), probe p learning its own model's row.
+    """
     if probe_target == "labels":
-        targets, target_index, classes = labels, None, len(cache.classes)
-    else:
-        targets = np.stack([_softmax(cache.logits("probe-train", m)) for m in cache.model_names])  # (k, N, C)
-        target_index = [cache.model_names.index(m) for m, _ in index]
-        classes = targets.shape[2]
+        return np.array(cache.labels("probe-train")), None, len(cache.classes)  # a writable copy for torch
+    targets = np.stack([_softmax(cache.logits("probe-train", m)) for m in cache.model_names])  # (k, N, C)
+    return targets, [cache.model_names.index(m) for m, _ in index], targets.shape[2]
 
+
+def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, dev: torch.device, console: Console,
+                     progress: bool) -> tuple[ProbeBank, list[np.ndarray], np.ndarray]:
+    """Train every probe, then Θ (P, P) between their score-split distributions.
+
+    Returns the bank, the score-split features and Θ.
+    """
+    targets, target_index, classes = _probe_targets(cache, index, inputs["probe_target"])
     with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not progress) as bar:
         task = bar.add_task(f"training {len(index)} probes", total=None)
-        bank = train_probes(
-            _features(cache, "probe-train", index), targets, classes, epochs=probe_epochs, seed=seed, device=dev,
-            target_index=target_index, progress=lambda s, t: bar.update(task, completed=s, total=t),
+        bank = probes.train_probes(
+            _features(cache, "probe-train", index), targets, classes, epochs=inputs["probe_epochs"],
+            seed=inputs["seed"], device=dev, target_index=target_index,
+            progress=lambda s, t: bar.update(task, completed=s, total=t),
         )
         score_feats = _features(cache, "score", index)
-        n_score = score_feats[0].shape[0]
-        task = bar.add_task(f"KL over {len(index)}² block pairs", total=n_score)
+        task = bar.add_task(f"KL over {len(index)}² block pairs", total=score_feats[0].shape[0])
 
         def counted(chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
             for c in chunks:  # (P, n_chunk, C) probe logits
                 yield c
                 bar.advance(task, c.shape[1])
 
-        theta = kl_matrix(counted(bank.iter_logits(score_feats)), temperature=temperature, device=dev).numpy()
-        cka = linear_cka_matrix(score_feats, seed=seed).numpy() if strategy == "cka" else None
+        theta = score.kl_matrix(counted(bank.iter_logits(score_feats)), temperature=inputs["temperature"],
+                                device=dev).numpy()
+    return bank, score_feats, theta
 
-    score_labels = np.array(cache.labels("score"))
-    probe_acc = bank.accuracy(score_feats, score_labels) if probe_target == "labels" else None
-    probe_accuracy = {}
-    for m in cache.model_names:
-        probe_accuracy[m] = [float(probe_acc[where[(m, r.index)]]) if probe_acc is not None else float("nan")
-                             for r in profiles[m].reps]
 
-    t_idx = np.array([where[(c.src, c.src_cut)] for c in stitches])
-    d_idx = np.array([where[(c.dst, c.dst_cut)] for c in stitches])
-    n_idx = np.array([where[(c.dst, c.dst_cut + 1)] for c in stitches])
+def _probe_accuracy(cache: Cache, bank: ProbeBank, score_feats: list[np.ndarray], index: list[tuple[str, int]],
+                    probe_target: str) -> dict[str, list[float]]:
+    """Top-1 of every probe on the score split, per model and representation (NaN without labels)."""
+    where = {key: p for p, key in enumerate(index)}
+    acc = bank.accuracy(score_feats, np.array(cache.labels("score"))) if probe_target == "labels" else None
+    return {m: [float(acc[where[(m, r.index)]]) if acc is not None else float("nan") for r in cache.profiles[m].reps]
+            for m in cache.model_names}
+
+
+def _positions(stitches: Sequence[Candidate], index: list[tuple[str, int]], dst_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bank positions of each stitch's source representation and of its target's ``dst_cut + dst_offset``."""
+    where = {key: p for p, key in enumerate(index)}
+    return (np.array([where[(c.src, c.src_cut)] for c in stitches]),
+            np.array([where[(c.dst, c.dst_cut + dst_offset)] for c in stitches]))
+
+
+def _stitch_scores(theta: np.ndarray, stitches: list[Candidate],
+                   index: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per stitch: Θ(a_src, b_dst), Σ = Θ(b_dst, b_dst+1) and Γ = Θ / max(Σ, floor)."""
+    t_idx, d_idx = _positions(stitches, index)
+    _, n_idx = _positions(stitches, index, dst_offset=1)
     th = theta[t_idx, d_idx]
     sigma = theta[d_idx, n_idx]
-    gamma = th / np.maximum(sigma, SIGMA_FLOOR)
-    cka_dist = 1.0 - cka[t_idx, d_idx] if cka is not None else None
+    return th, sigma, th / np.maximum(sigma, SIGMA_FLOOR)
 
-    budget_macs = budget * 1e9 if budget is not None else None
-    keep, bucket = select(strategy, stitches, anchor_list, profiles, gamma=gamma, cka_distance=cka_dist,
-                          budget_macs=budget_macs, buckets=buckets, tau=tau, seed=seed)
 
-    rows = _rows(stitches, anchor_list, th, sigma, gamma, cka_dist, keep, bucket, strategy, budget_macs)
-    pairs = _anchor_pairs(cache, temperature, dev)
-    selection = {
+def cka_distance(cache: Cache, stitches: Sequence[Candidate], seed: int) -> np.ndarray:
+    """1 - linear CKA between each stitch's source and target representations on the score split
+    (``strategy="cka"``'s score, lower is better; the CKA subsample is seeded)."""
+    index = _probe_index(cache)
+    cka = score.linear_cka_matrix(_features(cache, "score", index), seed=seed).numpy()
+    t_idx, d_idx = _positions(stitches, index)
+    return 1.0 - cka[t_idx, d_idx]
+
+
+def _selection(cache: Cache, inputs: dict, num_candidates: int, anchor_list: list[Candidate], rows: list[dict],
+               pairs: list[dict]) -> dict:
+    """The ``selection.json`` document (docs/formats.md): inputs, the anchors and stitches kept, anchor pairs."""
+    budget_macs = _budget_macs(inputs["budget"])
+    return {
         "format": SELECTION_FORMAT,
         "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
         "inputs": sha256_json(inputs),
         **{k: v for k, v in inputs.items() if k != "cache"},
-        "budget_gflops": budget,
-        "num_candidates": len(stitches),
+        "budget_gflops": inputs["budget"],
+        "num_candidates": num_candidates,
         "anchors": [{"name": a.src, "macs": a.macs, "params": a.params} for a in anchor_list
                     if budget_macs is None or a.macs <= budget_macs],
         "stitches": [
@@ -228,12 +275,11 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
         "anchor_pairs": pairs,
         "versions": package_versions(),
     }
-    write_search(run_dir, rows, bank, probe_accuracy, selection)
-    return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start)
 
 
 def _rows(stitches: list[Candidate], anchor_list: list[Candidate], theta, sigma, gamma, cka_dist, keep, bucket,
           strategy: str, budget_macs: float | None) -> list[dict]:
+    """Every stitch, then every anchor, as a ``candidates.parquet`` row (anchors over the budget unselected)."""
     rows = []
     for k, c in enumerate(stitches):
         rows.append({
@@ -256,8 +302,6 @@ def _rows(stitches: list[Candidate], anchor_list: list[Candidate], theta, sigma,
 
 def _anchor_pairs(cache: Cache, temperature: float, dev: torch.device) -> list[dict]:
     """KL between every two models' final softmax on the score split (their real outputs, not probes)."""
-    from klas.score import kl_matrix
-
     names = cache.model_names
     if len({cache.model(m)["num_classes"] for m in names}) > 1:
         return []
@@ -265,7 +309,7 @@ def _anchor_pairs(cache: Cache, temperature: float, dev: torch.device) -> list[d
     n = logits[0].shape[0]
     chunks = (torch.stack([torch.from_numpy(np.asarray(l[s : s + CHUNK], dtype=np.float32)) for l in logits])
               for s in range(0, n, CHUNK))
-    kl = kl_matrix(chunks, temperature=temperature, device=dev).numpy()
+    kl = score.kl_matrix(chunks, temperature=temperature, device=dev).numpy()
     pairs = [{"src": a, "dst": b, "kl": float(kl[i, j])} for i, a in enumerate(names) for j, b in enumerate(names) if i != j]
     return sorted(pairs, key=lambda p: p["kl"])
 
@@ -284,4 +328,4 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
                         f"or --overwrite to replace it (its training and export go with it)")
 
 
-__all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "search"]
+__all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "cka_distance", "search"]

@@ -12,3 +12,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def vit_cache(tmp_path_factory):
+    """A real klas cache, built once per session: two random-init demo ViTs over 100 digits per split.
+
+    Searches on it train their probes in about a second (tests/test_run.py, tests/test_search.py).
+    Tests must not write into it.
+    """
+    import io
+
+    from rich.console import Console
+
+    from klas.cache import build_cache
+
+    root = tmp_path_factory.mktemp("klas")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_cache(["klas_vit_ti", "klas_vit_s"], "digits", root / "c", limit=100, random_init=True, root=root,
+                    console=Console(file=io.StringIO()), progress=False)
+    finally:
+        torch.set_num_threads(n)
+    return root / "c"
+
+
+@pytest.fixture
+def no_probe_training(monkeypatch):
+    """Fail the test if ``klas.search.search`` reaches the long work (probe training)."""
+    import klas.probes
+
+    def refuse(*a, **k):
+        raise AssertionError("search trained probes before refusing")
+
+    monkeypatch.setattr(klas.probes, "train_probes", refuse)

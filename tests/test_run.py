@@ -1,6 +1,6 @@
 """klas.run: who may write a run directory, and that a new selection never sits beside stale training.
 
-One real cache (two random-init demo ViTs over 100 digits per split), built once for the module;
+One real cache (two random-init demo ViTs over 100 digits per split, tests/conftest.py's ``vit_cache``);
 searches train their probes for one epoch, so each takes about a second.
 """
 from __future__ import annotations
@@ -11,10 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 
-import klas.probes
 from klas.errors import KlasError
 from klas.fs import MARKER, DirLock
 from klas.run import LATER_STAGES, SELECTION, read_selection
@@ -27,23 +25,8 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    from klas.cache import build_cache
-
-    root = tmp_path_factory.mktemp("klas")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        build_cache(["klas_vit_ti", "klas_vit_s"], "digits", root / "c", limit=100, random_init=True, root=root,
-                    console=quiet(), progress=False)
-    finally:
-        torch.set_num_threads(n)
-    return root / "c"
-
-
-def run_search(cache_dir: Path, run: Path, **kw):
-    return search(cache_dir, run, probe_epochs=1, device="cpu", console=quiet(), progress=False, **kw)
+def run_search(vit_cache: Path, run: Path, **kw):
+    return search(vit_cache, run, probe_epochs=1, device="cpu", console=quiet(), progress=False, **kw)
 
 
 def fake_training(run: Path) -> None:
@@ -56,29 +39,20 @@ def fake_training(run: Path) -> None:
     (run / "export" / "front.csv").write_text("id\n")
 
 
-@pytest.fixture
-def no_probe_training(monkeypatch):
-    """Fail the test if search reaches the long work (probe training)."""
-    def refuse(*a, **k):
-        raise AssertionError("search trained probes before refusing")
-
-    monkeypatch.setattr(klas.probes, "train_probes", refuse)
-
-
-def test_a_new_selection_removes_the_runs_training_and_export(cache_dir, tmp_path):
+def test_a_new_selection_removes_the_runs_training_and_export(vit_cache, tmp_path):
     run = tmp_path / "run"
-    run_search(cache_dir, run)
+    run_search(vit_cache, run)
     assert (run / MARKER).is_file()
     first = (run / SELECTION).read_bytes()
     fake_training(run)
     (run / "notes.txt").write_text("mine")
-    run_search(cache_dir, run)  # the same inputs give the same selection: training stays valid
+    run_search(vit_cache, run)  # the same inputs give the same selection: training stays valid
     assert (run / SELECTION).read_bytes() == first
     assert all((run / name).exists() for name in LATER_STAGES)
     with pytest.raises(KlasError, match="other inputs; pass --run NAME for a new run or --overwrite"):
-        run_search(cache_dir, run, buckets=3)
+        run_search(vit_cache, run, buckets=3)
     assert (run / SELECTION).read_bytes() == first and (run / "results.parquet").is_file()
-    run_search(cache_dir, run, buckets=3, overwrite=True)
+    run_search(vit_cache, run, buckets=3, overwrite=True)
     assert read_selection(run)["buckets"] == 3
     assert not any((run / name).exists() for name in LATER_STAGES)
     assert (run / "notes.txt").read_text() == "mine"  # only the stale stages went
@@ -86,53 +60,53 @@ def test_a_new_selection_removes_the_runs_training_and_export(cache_dir, tmp_pat
         assert (run / name).is_file()
 
 
-def test_search_refuses_a_directory_it_did_not_make(cache_dir, tmp_path, no_probe_training):
+def test_search_refuses_a_directory_it_did_not_make(vit_cache, tmp_path, no_probe_training):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
     for overwrite in (False, True):
         with pytest.raises(KlasError, match="klas did not create"):
-            run_search(cache_dir, mine, overwrite=overwrite)
+            run_search(vit_cache, mine, overwrite=overwrite)
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
     with pytest.raises(KlasError, match="is a klas cache directory, not a run"):
-        run_search(cache_dir, cache_dir, overwrite=True)
-    assert not (cache_dir / SELECTION).exists()
+        run_search(vit_cache, vit_cache, overwrite=True)
+    assert not (vit_cache / SELECTION).exists()
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / SELECTION).write_text('{"format": "klas.sel')  # a run whose selection.json was damaged
     with pytest.raises(KlasError, match="unreadable selection.json; pass --overwrite"):
-        run_search(cache_dir, torn)
+        run_search(vit_cache, torn)
 
 
-def test_search_fails_before_the_long_work_when_it_cannot_write(cache_dir, tmp_path, no_probe_training):
+def test_search_fails_before_the_long_work_when_it_cannot_write(vit_cache, tmp_path, no_probe_training):
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(KlasError, match="is a file, not a directory"):
-        run_search(cache_dir, afile)
+        run_search(vit_cache, afile)
     with pytest.raises(KlasError, match="cannot write to --run .*a file is in the way"):
-        run_search(cache_dir, afile / "run")
+        run_search(vit_cache, afile / "run")
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
         try:
             with pytest.raises(KlasError, match="cannot write to --run"):
-                run_search(cache_dir, ro / "run")
+                run_search(vit_cache, ro / "run")
         finally:
             ro.chmod(0o755)
 
 
-def test_one_writer_per_run(cache_dir, tmp_path, no_probe_training):
+def test_one_writer_per_run(vit_cache, tmp_path, no_probe_training):
     from klas.export import export_pareto
     from klas.train import train_run
 
     run = tmp_path / "run"
     run.mkdir()
     (run / MARKER).write_text(json.dumps({"kind": "run"}))
-    (run / SELECTION).write_text(json.dumps({"format": "klas.selection/1", "cache": {"path": str(cache_dir)},
+    (run / SELECTION).write_text(json.dumps({"format": "klas.selection/1", "cache": {"path": str(vit_cache)},
                                              "stitches": [], "anchors": []}))
     with DirLock(run, "--run"):  # another process (a second open file description conflicts the same way)
-        for stage in (lambda: run_search(cache_dir, run, overwrite=True),
+        for stage in (lambda: run_search(vit_cache, run, overwrite=True),
                       lambda: train_run(run, console=quiet(), progress=False),
                       lambda: export_pareto(run, console=quiet())):
             with pytest.raises(KlasError, match=f"another klas process \\(pid {os.getpid()}\\) is writing"):
@@ -165,16 +139,16 @@ def test_run_arguments_that_are_not_runs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
 
 
-def test_a_budget_below_every_candidate_is_refused_before_probe_training(cache_dir, tmp_path, no_probe_training):
+def test_a_budget_below_every_candidate_is_refused_before_probe_training(vit_cache, tmp_path, no_probe_training):
     with pytest.raises(KlasError, match="below the cheapest candidate"):
-        run_search(cache_dir, tmp_path / "run", budget=1e-9)
+        run_search(vit_cache, tmp_path / "run", budget=1e-9)
     assert not (tmp_path / "run").exists()
 
 
-def test_train_and_export_name_a_cache_given_as_the_run(cache_dir):
+def test_train_and_export_name_a_cache_given_as_the_run(vit_cache):
     from klas.export import export_pareto
     from klas.train import train_run
 
     for stage in (lambda p: train_run(p, console=quiet(), progress=False), lambda p: export_pareto(p, console=quiet())):
         with pytest.raises(KlasError, match="is a klas cache directory, not a run"):
-            stage(cache_dir)
+            stage(vit_cache)

@@ -8,7 +8,7 @@ next to the forward passes. The deciding difference: an IPC file is written fron
 preallocated .npy can be written at any row. That makes the cache resumable (finished batches are
 simply skipped) and lets torchrun ranks write disjoint batches of one file with no merge step.
 
-Atomicity: ``manifest.json`` is written last, with ``os.replace``; until then a state file marks the
+Atomicity: ``manifest.json`` is written last, atomically (:mod:`klas.fs`); until then a state file marks the
 directory as partial and per-rank progress files list the finished batches. A batch's rows are
 flushed before it is recorded as finished, so a kill at any moment loses at most the batch in flight.
 Batches are fixed by (split, batch size), so every image is computed in the same batch whether the

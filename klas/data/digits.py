@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from klas.utils import DEFAULT_ROOT
+from klas.fs import DEFAULT_ROOT, atomic_path
 
 #: Bump when the generator changes in a way that changes its output for the same config.
 GENERATOR_VERSION = 2
@@ -188,11 +187,8 @@ def _load_or_generate(root: Path, config: DigitsConfig) -> np.ndarray:
             pass  # torn or foreign file: regenerate below
     images, _, _ = generate_digits(config)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            np.save(fh, images)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # keeps the .npy suffix, so np.save adds none
+            np.save(tmp, images)
     except OSError:
         pass  # read-only cache: keep the in-memory copy, regenerate next time
     return images

@@ -9,7 +9,6 @@ timm architectures with ``pretrained=False`` and loads the saved tensors.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from klas.errors import KlasError
+from klas.fs import atomic_path, write_json_atomic
 from klas.models import Adapter, adapt
 from klas.stitch.layers import make_stitch_layer
 from klas.stitch.network import AnchorModel, StitchedModel
@@ -94,10 +94,9 @@ def save_stitched(model: nn.Module, out_dir: Path, *, src_arch: str, dst_arch: s
             tensors[f"{prefix}.{k}"] = v.detach().to("cpu").contiguous().clone()
     config = {"format": FORMAT, **config, **(info or {}), "weights": WEIGHTS, "tensors": len(tensors),
               "parameters": int(sum(t.numel() for k, t in tensors.items() if t.is_floating_point()))}
-    tmp = out_dir / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, out_dir / WEIGHTS)
-    (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out_dir / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    write_json_atomic(out_dir / CONFIG, config)
     return out_dir
 
 

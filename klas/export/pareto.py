@@ -26,7 +26,7 @@ from klas.run import (
     stitch_specs,
 )
 from klas.units import FLOPS_CONVENTION
-from klas.metrics import pareto_front
+from klas.metrics import is_finite, pareto_front
 
 __all__ = ["EXPORT", "FRONT_FORMAT", "ExportResult", "export_pareto", "pareto_front", "plot_front", "safe_name"]
 FRONT_FORMAT = "klas.front/1"
@@ -34,10 +34,6 @@ X_LABEL = "GFLOPs (fvcore: 1 multiply-add = 1 FLOP)"
 Y_LABEL = "top-1 accuracy on eval split (%)"
 CSV_COLUMNS = ("id", "kind", "route", "src", "src_cut", "dst", "dst_cut", "gflops", "macs", "params",
                "acc_after", "acc_before", "latency_ms", "latency_batch", "latency_device", "artifact", "onnx")
-
-
-def _finite(v: Any) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def safe_name(identifier: str) -> str:
@@ -67,7 +63,7 @@ class ExportResult:
         for col, just in cols:
             t.add_column(col, justify=just, overflow="fold")
         for r in self.front:
-            lat = f"{r['latency_ms']:.2f}" if _finite(r.get("latency_ms")) else ""
+            lat = f"{r['latency_ms']:.2f}" if is_finite(r.get("latency_ms")) else ""
             cells = [r["id"], r["kind"], f"{r['gflops']:.4f}", f"{100 * r['acc_after']:.2f}", lat]
             if self.models:
                 art = self.models.get(r["id"], "")
@@ -86,10 +82,10 @@ def plot_front(rows: list[dict], front: list[dict], out_base: Path, *, title: st
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    stitches = [r for r in rows if r["kind"] == "stitch" and _finite(r.get("acc_after"))]
-    anchors = [r for r in rows if r["kind"] == "anchor" and _finite(r.get("acc_after"))]
+    stitches = [r for r in rows if r["kind"] == "stitch" and is_finite(r.get("acc_after"))]
+    anchors = [r for r in rows if r["kind"] == "anchor" and is_finite(r.get("acc_after"))]
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=150)
-    if any(_finite(r.get("acc_before")) for r in stitches):
+    if any(is_finite(r.get("acc_before")) for r in stitches):
         ax.scatter([r["gflops"] for r in stitches], [100 * r["acc_before"] for r in stitches], s=14, marker="o",
                    facecolors="none", edgecolors="#b0b0b0", linewidths=0.8, zorder=1,
                    label="stitch before fine-tuning (LS init)")

@@ -103,10 +103,15 @@ def select_count_by_score(scores: np.ndarray, bucket: np.ndarray, count: int) ->
     return keep, tau_eff
 
 
+def _nearest_size_pairs(profiles: Mapping[str, Profile]) -> set[tuple[str, str]]:
+    """The ordered model pairs SN-Net stitches: neighbours in cost order (by MACs, then name), both ways."""
+    order = sorted(profiles, key=lambda n: (profiles[n].macs, n))
+    return set(zip(order, order[1:])) | {(b, a) for a, b in zip(order, order[1:])}
+
+
 def select_snnet(cands: Sequence[Candidate], profiles: Mapping[str, Profile], in_range: np.ndarray) -> np.ndarray:
     """SN-Net's configuration (see module docstring)."""
-    order = sorted(profiles, key=lambda n: (profiles[n].macs, n))
-    neighbours = {(a, b) for a, b in zip(order, order[1:])} | {(b, a) for a, b in zip(order, order[1:])}
+    neighbours = _nearest_size_pairs(profiles)
     keep = np.zeros(len(cands), dtype=bool)
     for k, c in enumerate(cands):
         if (c.src, c.dst) not in neighbours or not in_range[k]:
@@ -134,8 +139,7 @@ def snnet_levels(cands: Sequence[Candidate], profiles: Mapping[str, Profile], in
     """How far SN-Net's window must widen to include each candidate: 0 = SN-Net's own rule
     (:func:`select_snnet`), w = ``|i - j| <= 1 + w`` (equal depths) resp. ``|j - round(i n_b / n_a)| <= w``;
     -1 = never (not a nearest-size pair, or out of range)."""
-    order = sorted(profiles, key=lambda n: (profiles[n].macs, n))
-    neighbours = set(zip(order, order[1:])) | {(b, a) for a, b in zip(order, order[1:])}
+    neighbours = _nearest_size_pairs(profiles)
     level = np.full(len(cands), -1, dtype=np.int64)
     for k, c in enumerate(cands):
         if (c.src, c.dst) not in neighbours or not in_range[k]:

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from klas.data import load_split_tensors, make_splits, open_source
 from klas.data.transforms import build_transform
-from klas.utils import sha256_file, write_json_atomic
+from klas.fs import atomic_path, write_json_atomic
+from klas.utils import sha256_file
 from klas.zoo.models import arch_args
 from klas.zoo.train import Recipe, TrainResult, train_model
 
@@ -49,13 +50,11 @@ def _cost(arch: str, state: dict[str, Tensor], input_size: tuple[int, ...]) -> t
 
 
 def _save_weights(state: dict[str, Tensor], path: Path) -> str:
-    """Write safetensors atomically (tmp + os.replace); return the file's sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # one metadata key only: safetensors writes a multi-key metadata map in random order (unstable sha256)
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; weights are meant to be shared
-    os.replace(tmp, path)
+    """Write safetensors atomically (:func:`klas.fs.atomic_path`); return the file's sha256."""
+    with atomic_path(path) as tmp:
+        # one metadata key only: safetensors writes a multi-key metadata map in random order (unstable sha256)
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; weights are meant to be shared
     return sha256_file(path)
 
 
