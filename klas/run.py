@@ -196,8 +196,7 @@ def write_search(run_dir: Path, rows: list[dict], bank: Any, probe_accuracy: dic
         discard(run_dir, LATER_STAGES)
     with atomic_path(run_dir / CANDIDATES) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-    with atomic_path(run_dir / PROBES) as tmp:
-        bank.save(tmp)
+    bank.save(run_dir / PROBES)  # atomic itself
     lines = ["model,representation,block,probe_top1_score_split"]
     for m, accs in probe_accuracy.items():
         lines += [f"{m},{r},{'stem' if r == 0 else r - 1},{a:.6f}" for r, a in enumerate(accs)]

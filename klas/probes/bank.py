@@ -16,8 +16,9 @@ from klas.utils import resolve_device
 
 __all__ = ["ProbeBank", "LOGIT_CHUNK_BYTES"]
 
-_FORMAT = "klas-probe-bank"
-_VERSION = "1"
+#: One metadata key: safetensors writes several in random order, so two identical banks would differ in bytes.
+_FORMAT = "klas-probe-bank/1"
+_OLD_FORMAT = ("klas-probe-bank", "1")  # (format, version) as written before the single key
 _KEYS = ("weight", "bias", "mean", "std", "dims")
 
 #: Default size of one streamed chunk of logits (float32 bytes).
@@ -115,7 +116,7 @@ class ProbeBank:
 
         tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in _KEYS}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "version": _VERSION})
+            save_file(tensors, str(tmp), metadata={"format": _FORMAT})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> "ProbeBank":
@@ -128,7 +129,7 @@ class ProbeBank:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
-                if meta.get("format") != _FORMAT:
+                if meta.get("format") != _FORMAT and (meta.get("format"), meta.get("version")) != _OLD_FORMAT:
                     raise KlasError(f"{path} is not a klas probe bank; delete it and rerun `klas search`")
                 missing = [k for k in _KEYS if k not in fh.keys()]
                 if missing:
