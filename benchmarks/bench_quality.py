@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from klas.metrics import pareto_front  # noqa: E402
 from klas.quality import BUDGET_QUANTILES, PAPER_RECOVERY, QualityConfig, run_family  # noqa: E402
-from klas.utils import DEFAULT_ROOT, FLOPS_CONVENTION, package_versions, write_json_atomic  # noqa: E402
+from klas.utils import DEFAULT_ROOT, FLOPS_CONVENTION, machine_info, package_versions, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -167,17 +166,6 @@ def plot(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def machine_info() -> dict:
-    cpu = ""
-    try:
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu or platform.processor(), "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "python": platform.python_version(),
-            "load_average_at_start": list(os.getloadavg())}
 
 
 def run(cfg: QualityConfig, families: Sequence[str], work: Path, out_json: Path, out_png: Path, *, command: str,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -39,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from klas.score import kl_matrix, kl_matrix_naive  # noqa: E402
-from klas.utils import resolve_device, write_json_atomic  # noqa: E402
+from klas.utils import machine_info, resolve_device, write_json_atomic  # noqa: E402
 
 CONFIGS = [(3, 12), (6, 24)]  # (k models, n blocks): P = k * (n + 1) = 39 and 150
 NUM_CLASSES = 1000
@@ -182,26 +180,6 @@ def _sampled_peak(fn: Callable[[], object]) -> int:
         stop.set()
         th.join()
     return peak[0]
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu or platform.processor(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "load_average_at_start": list(os.getloadavg()),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def run_config(k: int, n: int, total: int, mem_totals: tuple[int, int], subset: int, repeats: int, dev: torch.device) -> dict:

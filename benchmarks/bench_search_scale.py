@@ -187,10 +187,9 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     import torch
 
-    from bench_scorer import machine_info
     from klas.probes import DEFAULT_BATCH_SIZE
     from klas.probes.train import training_bytes
-    from klas.utils import resolve_device, write_json_atomic
+    from klas.utils import machine_info, resolve_device, write_json_atomic
 
     sizes = (2_000, 10_000) if args.quick else (10_000, 50_000)
     steps = 3 if args.quick else args.steps

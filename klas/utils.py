@@ -100,3 +100,28 @@ def package_versions() -> dict[str, str]:
 def sha256_json(data: Any) -> str:
     """Hex SHA-256 of a JSON-able object in canonical form (sorted keys)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Facts about this machine that decide timings, recorded beside every benchmark's results."""
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu or platform.processor(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+    info["load_average_at_start"] = list(os.getloadavg())
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
