@@ -187,7 +187,8 @@ def _in_memory_reference(feats, targets, num_classes, *, epochs, batch_size, see
     in place in the storage dtype, then the same seeded mini-batches. Kept to pin streaming to it."""
     import math
 
-    from klas.probes.train import _warmup_cosine
+    from klas.optim import warmup_cosine, warmup_steps_of
+    from klas.probes.train import WARMUP_FRACTION
 
     half = all(f.dtype == np.float16 for f in feats)
     dtype = torch.float16 if half else torch.float32
@@ -206,7 +207,9 @@ def _in_memory_reference(feats, targets, num_classes, *, epochs, batch_size, see
     b = torch.zeros(len(feats), num_classes, requires_grad=True)
     opt = torch.optim.AdamW([{"params": [w], "weight_decay": 1e-4}, {"params": [b], "weight_decay": 0.0}], lr=3e-3)
     steps = math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(epochs * steps))
+    total = epochs * steps
+    warm = warmup_steps_of(WARMUP_FRACTION, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
     gen = torch.Generator().manual_seed(seed)
     tgt = torch.as_tensor(targets)
     for _ in range(epochs):

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from klas.errors import KlasError
+from klas.optim import warmup_cosine, warmup_steps_of
 from klas.probes._features import (
     ROW_CHUNK,
     FeatureArray,
@@ -117,7 +118,8 @@ def train_probes(
     steps_per_epoch = math.ceil(n / batch_size)
     epochs = max(epochs, math.ceil(max(0, min_steps) / steps_per_epoch))
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total))
+    warm = warmup_steps_of(WARMUP_FRACTION, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
 
     gen = torch.Generator().manual_seed(seed)
     mapped = [*feats, tgt] if isinstance(tgt, np.ndarray) else feats  # what release_pages may trim
@@ -179,19 +181,6 @@ def _loss(logits: Tensor, tgt: Tensor, groups: Tensor | None) -> Tensor:
     if groups is not None:
         q = q.index_select(0, groups)  # (P, B, C)
     return -(q * F.log_softmax(logits, dim=-1)).sum() / b
-
-
-def _warmup_cosine(total: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over the first 5% of steps, then cosine decay to 0."""
-    warm = max(1, int(round(WARMUP_FRACTION * total)))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return factor
 
 
 def _check_hparams(epochs: int, batch_size: int, lr: float, weight_decay: float, num_classes: int) -> None:
