@@ -34,7 +34,7 @@ from klas import probes, score
 from klas.cache import Cache, open_cache
 from klas.errors import KlasError
 from klas.fs import DirLock, read_json
-from klas.probes import ProbeBank
+from klas.probes import ProbeBank, SoftmaxTargets
 from klas.run import SELECTION, SELECTION_FORMAT, claim_run, write_search
 from klas.select import STRATEGIES, check_budget, check_selection_args, select
 from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
@@ -70,12 +70,6 @@ def _probe_index(cache: Cache) -> list[tuple[str, int]]:
 def _features(cache: Cache, split: str, index: list[tuple[str, int]]) -> list[np.ndarray]:
     """One split's cached features of every probe's representation, in bank order (memmaps)."""
     return [cache.rep_features(split, m, r) for m, r in index]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (N, C) logits in float32."""
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
-    return torch.softmax(z, dim=1).numpy()
 
 
 def _budget_macs(budget: float | None) -> float | None:
@@ -180,15 +174,16 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start)
 
 
-def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str) -> tuple[np.ndarray, list[int] | None, int]:
+def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str) -> tuple[np.ndarray | SoftmaxTargets, list[int] | None, int]:
     """What the probes learn: (targets, which model's targets each probe uses, number of classes).
 
     ``labels``: the probe-train labels, shared by every probe. ``model``: each model's own final
-    softmax (k, N, C), probe p learning its own model's row.
+    softmax (k, N, C), probe p learning its own model's row, computed per batch from the cached
+    logits so that memory stays flat in N.
     """
     if probe_target == "labels":
         return np.array(cache.labels("probe-train")), None, len(cache.classes)  # a writable copy for torch
-    targets = np.stack([_softmax(cache.logits("probe-train", m)) for m in cache.model_names])  # (k, N, C)
+    targets = SoftmaxTargets([cache.logits("probe-train", m) for m in cache.model_names])  # (k, N, C), streamed
     return targets, [cache.model_names.index(m) for m, _ in index], targets.shape[2]
 
 

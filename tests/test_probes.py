@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from klas.errors import KlasError
-from klas.probes import ProbeBank, train_probes
+from klas.probes import ProbeBank, SoftmaxTargets, train_probes
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +102,25 @@ def test_per_group_soft_targets_equal_separate_runs():
     for p, g in enumerate([0, 1, 1]):
         alone = train_probes([feats[p]], probs[g].astype(np.float32), 5, **kw)
         torch.testing.assert_close(bank.weight[p, : feats[p].shape[1]], alone.weight[0], rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_targets_stream_the_same_probabilities(tmp_path):
+    """'model' mode from stored logits (float16 memmaps, as the cache holds them): same probes as the
+    whole (G, N, C) softmax array, never materialised."""
+    feats, _ = _gaussian_classes(300, 5, [4, 6, 5], snr=1.0)
+    rng = np.random.default_rng(1)
+    logits = []
+    for g in range(2):
+        mm = np.lib.format.open_memmap(tmp_path / f"logits{g}.npy", "w+", np.float16, (300, 5))
+        mm[:] = rng.normal(size=(300, 5)) * 2
+        logits.append(np.load(tmp_path / f"logits{g}.npy", mmap_mode="r"))
+    probs = torch.softmax(torch.from_numpy(np.stack(logits).astype(np.float32)), dim=-1).numpy()
+    kw = dict(epochs=2, batch_size=64, seed=3, device="cpu", target_index=[0, 1, 1])
+    whole = train_probes(feats, probs, 5, **kw)
+    streamed = train_probes(feats, SoftmaxTargets(logits), 5, **kw)
+    torch.testing.assert_close(streamed.weight, whole.weight, rtol=0, atol=0)
+    with pytest.raises(KlasError, match="softmax targets have shape"):
+        train_probes(feats, SoftmaxTargets([a[:200] for a in logits]), 5, **kw)
 
 
 def test_model_mode_learns_the_teacher():

@@ -7,6 +7,7 @@ from klas.probes.train import (
     DEFAULT_LR,
     DEFAULT_MIN_STEPS,
     DEFAULT_WEIGHT_DECAY,
+    SoftmaxTargets,
     train_probes,
 )
 
@@ -14,6 +15,7 @@ __all__ = [
     "FeatureArray",
     "check_features",
     "ProbeBank",
+    "SoftmaxTargets",
     "train_probes",
     "DEFAULT_EPOCHS",
     "DEFAULT_BATCH_SIZE",

@@ -66,6 +66,7 @@ DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_MIN_STEPS = 300
 WARMUP_FRACTION = 0.05
 __all__ = [
+    "SoftmaxTargets",
     "train_probes",
     "training_bytes",
     "DEFAULT_EPOCHS",
@@ -74,6 +75,30 @@ __all__ = [
     "DEFAULT_WEIGHT_DECAY",
     "DEFAULT_MIN_STEPS",
 ]
+
+
+class SoftmaxTargets:
+    """Soft targets (G, N, C) read as the softmax of G stored logit arrays, one batch of rows at a time.
+
+    ``logits``: G arrays (N, C) each, e.g. the cache's memory-mapped float16 logits of G models. Row
+    ``i`` of group ``g`` is ``softmax(float32(logits[g][i]))``, exactly what a whole-array softmax
+    gives, so "model" probe targets never hold (G, N, C) probabilities in memory.
+    """
+
+    def __init__(self, logits: Sequence[np.ndarray]) -> None:
+        if not logits:
+            raise KlasError("SoftmaxTargets needs at least one logits array")
+        shapes = {tuple(a.shape) for a in logits}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise KlasError(f"SoftmaxTargets needs (N, C) logits of one shape, got {sorted(shapes)}")
+        self.arrays = list(logits)
+        self.shape = (len(self.arrays), *self.arrays[0].shape)
+        self.ndim = 3
+
+    def rows(self, idx: np.ndarray) -> Tensor:
+        """(G, B, C) float32 probabilities of rows ``idx``."""
+        z = np.stack([np.asarray(a[idx], dtype=np.float32) for a in self.arrays])
+        return torch.softmax(torch.from_numpy(z), dim=-1)
 
 
 def train_probes(
@@ -94,7 +119,8 @@ def train_probes(
     """Train P linear probes (feature -> class logits) together and return them as a :class:`ProbeBank`.
 
     ``targets`` picks the mode: (N,) int labels -> cross-entropy ("labels" mode); (N, C)
-    probabilities -> soft cross-entropy shared by all probes; (G, N, C) probabilities with
+    probabilities -> soft cross-entropy shared by all probes; (G, N, C) probabilities (an array or
+    :class:`SoftmaxTargets`, streamed from stored logits) with
     ``target_index`` (P,) naming each probe's row in G -> soft cross-entropy per group ("model"
     mode, each model's probes fitting that model's own softmax; G == P needs no index).
     Runs ``max(epochs, ceil(min_steps / steps_per_epoch))`` epochs (``min_steps=0``: exactly
@@ -122,7 +148,7 @@ def train_probes(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
 
     gen = torch.Generator().manual_seed(seed)
-    mapped = [*feats, tgt] if isinstance(tgt, np.ndarray) else feats  # what release_pages may trim
+    mapped = [*feats, *_mapped_targets(tgt)]  # what release_pages may trim
     step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)  # (N,) shared by all probes, on the CPU
@@ -151,6 +177,13 @@ def train_probes(
     )
 
 
+def _mapped_targets(tgt: object) -> list[np.ndarray]:
+    """The target arrays a step reads from disk (their pages are released like the features')."""
+    if isinstance(tgt, SoftmaxTargets):
+        return list(tgt.arrays)
+    return [tgt] if isinstance(tgt, np.ndarray) else []
+
+
 def training_bytes(num_probes: int, dmax: int, num_classes: int, batch: int) -> int:
     """Device bytes the trainer needs, independent of N: parameters, their gradients and two AdamW
     moments (4*P*(Dmax+1)*C float32), plus one step's batch (raw and standardised, P*B*Dmax each)
@@ -160,11 +193,13 @@ def training_bytes(num_probes: int, dmax: int, num_classes: int, batch: int) -> 
     return 4 * (params + step)
 
 
-def _batch_targets(tgt: Tensor | np.ndarray, idx: Tensor, dev: torch.device) -> Tensor:
+def _batch_targets(tgt: "Tensor | np.ndarray | SoftmaxTargets", idx: Tensor, dev: torch.device) -> Tensor:
     """This step's targets: labels (B,) int64, or probabilities (G, B, C) float32, on ``dev``."""
     if isinstance(tgt, Tensor) and tgt.dtype == torch.int64:  # labels, kept whole on the device (8 bytes a row)
         return tgt.index_select(0, idx.to(tgt.device))
-    if isinstance(tgt, Tensor):
+    if isinstance(tgt, SoftmaxTargets):
+        rows = tgt.rows(idx.numpy())
+    elif isinstance(tgt, Tensor):
         rows = tgt.index_select(1, idx.to(tgt.device))
     else:
         rows = torch.from_numpy(np.ascontiguousarray(tgt[:, idx.numpy()]))
@@ -202,6 +237,10 @@ def _prepare_targets(
 ) -> tuple[Tensor | np.ndarray, Tensor | None]:
     """Validate targets; return (labels (N,) int64 on ``dev`` | probabilities (G, N, C) left where
     the caller holds them, read B rows per step; group index (P,) or None)."""
+    if isinstance(targets, SoftmaxTargets):
+        if targets.shape[1:] != (n, num_classes):
+            raise KlasError(f"softmax targets have shape {targets.shape}; expected (groups, {n}, {num_classes})")
+        return targets, _prepare_groups(target_index, targets.shape[0], num_probes, dev)
     t = targets if isinstance(targets, Tensor) else np.asarray(targets)
     if t.ndim == 1:
         t = t if isinstance(t, Tensor) else torch.from_numpy(np.array(t))  # a small writable copy
