@@ -1,13 +1,13 @@
 """``results.parquet``: one row per selected stitch and per anchor, written atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klas.errors import KlasError
+from klas.fs import atomic_path
 from klas.run import RESULTS
 
 __all__ = ["RESULTS", "SCHEMA", "write_results", "read_results", "results_selection"]
@@ -38,14 +38,13 @@ SCHEMA = pa.schema([
 
 
 def write_results(run_dir: Path, rows: list[dict], metadata: dict[str, str] | None = None) -> Path:
-    """Write ``rows`` to ``run_dir/results.parquet`` (tmp + os.replace)."""
+    """Write ``rows`` to ``run_dir/results.parquet`` (atomically: readers see the old file or the whole new one)."""
     path = Path(run_dir) / RESULTS
     table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k: str(v) for k, v in metadata.items()}})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
