@@ -130,7 +130,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--variants", default=None, help=f"comma-separated subset of {', '.join(VARIANTS)}")
     ap.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_VARIANTS)} with a few steps (a smoke test)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/recipe[.quick].json)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 helps on a shared CPU)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

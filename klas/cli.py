@@ -206,7 +206,7 @@ def train_cmd(
     teacher: str = typer.Option("target", help="Whose logits distill matches: target (each network's own target model) or largest (the largest anchor, as SN-Net)."),
     ffm_epochs: int = typer.Option(0, "--ffm-epochs", help="Two stages (Mai et al.): the first N epochs train with ffm alone, then --loss."),
     sampling: str = typer.Option("uniform", help="uniform over networks, or bucket: a FLOPs bucket first (SN-Netv2)."),
-    full_tune: bool = typer.Option(False, "--full-tune/--frozen", help="Also train the anchors, at 0.1x the learning rate (--frozen: stitch layers only)."),
+    full_tune: bool = typer.Option(True, "--full-tune/--frozen", help="Train the anchors too, at 0.1x the learning rate (SN-Net); --frozen: stitch layers only."),
     anchor_routes: Optional[bool] = typer.Option(None, "--anchor-routes/--no-anchor-routes", help="Sample the anchors as networks too (SN-Net); default: on with --full-tune."),
     layer: Optional[str] = typer.Option(None, help="Stitch layer: linear, mlp or lora (default: what the search costed, linear)."),
     init: str = typer.Option("ls", help="ls: least squares on probe-train activations; random."),

@@ -155,7 +155,7 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
 
 
-FAST = dict(epochs=2, batch_size=32, latency=False, eval_batch_size=100, progress=False)
+FAST = dict(epochs=2, batch_size=32, latency=False, eval_batch_size=100, progress=False, full_tune=False)
 
 
 def digest(path: Path) -> str:
@@ -222,18 +222,18 @@ def _states_equal(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("opts", [
-    dict(loss="ce"),
+    dict(loss="ce", full_tune=False),
     dict(loss="ce=1,distill=0.5,ffm=0.5", sampling="bucket", full_tune=True),
     dict(loss="ce=1,distill=1", teacher="largest", ffm_epochs=1, full_tune=True, layer="lora"),
-], ids=["ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora"])
+], ids=["frozen-ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora"])
 def test_resume_continues_exactly(fake, tmp_path, opts):
     write_selection(tmp_path / "straight", fake)
     write_selection(tmp_path / "split", fake)
-    train_run(tmp_path / "straight", console=quiet(), **FAST, **opts)
-    part = train_run(tmp_path / "split", console=quiet(), stop_after=1, **FAST, **opts)
+    train_run(tmp_path / "straight", console=quiet(), **{**FAST, **opts})
+    part = train_run(tmp_path / "split", console=quiet(), stop_after=1, **{**FAST, **opts})
     assert not part.complete and part.epochs_done == 1 and not (tmp_path / "split" / "results.parquet").exists()
     assert load_checkpoint(checkpoint_path(tmp_path / "split"))["epoch"] == 1
-    done = train_run(tmp_path / "split", console=quiet(), resume=True, **FAST, **opts)
+    done = train_run(tmp_path / "split", console=quiet(), resume=True, **{**FAST, **opts})
     assert done.complete
     a = load_checkpoint(checkpoint_path(tmp_path / "straight"))
     b = load_checkpoint(checkpoint_path(tmp_path / "split"))
@@ -411,7 +411,7 @@ def test_train_config_validates_once_and_names_the_flag():
                         (dict(steps_per_epoch=0), "--steps-per-epoch"), (dict(amp="fp32"), "--amp"),
                         (dict(sampling="greedy"), "--sampling"), (dict(loss="mse"), "unknown loss"),
                         (dict(full_tune="yes"), "--full-tune"), (dict(teacher="biggest"), "--teacher"),
-                        (dict(anchor_routes=True), "--anchor-routes .* needs --full-tune"),
+                        (dict(anchor_routes=True, full_tune=False), "--anchor-routes .* needs --full-tune"),
                         (dict(anchor_routes="yes", full_tune=True), "--anchor-routes"),
                         (dict(ffm_epochs=5, epochs=5), r"--ffm-epochs \(5\) must be below --epochs \(5\)"),
                         (dict(ffm_epochs=-1), "--ffm-epochs"), (dict(layer="conv"), "--layer")):
@@ -439,6 +439,7 @@ def test_train_run_takes_a_config_and_overrides(fake, tmp_path):
 
 def test_anchor_routes_are_sampled_with_full_tune(fake, tmp_path, monkeypatch):
     import klas.train.loop as loop
+    from klas.train import TrainConfig
     from klas.train.core import sampled_routes
 
     routes, buckets = sampled_routes(["s0", "s1", "s2"], [0, 0, 3], [TI, SM])
@@ -454,7 +455,9 @@ def test_anchor_routes_are_sampled_with_full_tune(fake, tmp_path, monkeypatch):
         return real_fit(net, data, sequence, *args, **kwargs)
 
     monkeypatch.setattr(loop, "fit", recording_fit)
-    for name, opts in (("frozen", {}), ("full", dict(full_tune=True)), ("full-no-routes", dict(full_tune=True, anchor_routes=False))):
+    assert TrainConfig().full_tune and TrainConfig().resolved(steps_per_epoch=1, layer="linear").anchor_routes
+    for name, opts in (("frozen", dict(full_tune=False)), ("full", dict(full_tune=True)),
+                       ("full-no-routes", dict(full_tune=True, anchor_routes=False))):
         seen.clear()
         write_selection(tmp_path / name, fake)
         res = train_run(tmp_path / name, console=quiet(), steps_per_epoch=40, **{**FAST, **opts})

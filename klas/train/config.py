@@ -46,7 +46,8 @@ class TrainConfig:
     * ``ffm_epochs`` (0): Mai et al.'s two stages: the first ``ffm_epochs`` epochs train with ``ffm``
       alone, the rest with ``loss`` (one learning-rate schedule over all epochs).
     * ``sampling`` ("uniform" | "bucket"): which network each step trains.
-    * ``full_tune`` (False): also fine-tune the anchors, at ``anchor_lr_scale`` (0.1) x ``lr``.
+    * ``full_tune`` (True): also fine-tune the anchors, at ``anchor_lr_scale`` (0.1) x ``lr`` (SN-Net);
+      False trains the stitch layers alone (``--frozen``).
     * ``anchor_routes`` (None = ``full_tune``): the anchors are sampled as routes too (SN-Net: each step
       trains one network drawn from the stitches and the anchors; with ``bucket`` sampling each anchor
       is a bucket of its own). Needs ``full_tune`` (frozen anchors have nothing to train).
@@ -72,7 +73,9 @@ class TrainConfig:
     teacher: str = _recipe("target")
     ffm_epochs: int = _recipe(0)
     sampling: str = _recipe("uniform")
-    full_tune: bool = _recipe(False)
+    # Defaults from benchmarks/bench_recipe.py on the demo ViT family (README "Which training recipe?"):
+    # frozen anchors put 0 of 22 stitches on the front, joint training with anchor routes 6.
+    full_tune: bool = _recipe(True)
     anchor_lr_scale: float = _recipe(0.1)
     anchor_routes: bool | None = _recipe(None)
     layer: str | None = _recipe(None)
