@@ -200,7 +200,7 @@ def train_cmd(
     epochs: int = typer.Option(5, help="Passes over the probe-train split."),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Default: one pass over the split."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate of the stitch layers (cosine schedule, warm-up)."),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate of the stitch layers; anchors get 0.1x (cosine schedule, warm-up)."),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
     loss: str = typer.Option("ce", help="ce (labels), distill (KL to the teacher's logits), ffm (final feature matching); combine as ce=1,distill=1."),
     teacher: str = typer.Option("target", help="Whose logits distill matches: target (each network's own target model) or largest (the largest anchor, as SN-Net)."),
