@@ -194,11 +194,15 @@ def train_cmd(
     batch_size: int = typer.Option(64, "--batch-size"),
     lr: float = typer.Option(1e-3, help="AdamW learning rate of the stitch layers (cosine schedule, warm-up)."),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    loss: str = typer.Option("ce", help="ce (labels), distill (KL to the target's logits), ffm (final feature matching); combine as ce=1,ffm=0.5."),
-    sampling: str = typer.Option("uniform", help="uniform over stitches, or bucket: a FLOPs bucket first (SN-Netv2)."),
-    full_tune: bool = typer.Option(False, "--full-tune", help="Also train the anchors, at 0.1x the learning rate."),
-    layer: Optional[str] = typer.Option(None, help="Stitch layer: linear or mlp (default: what the search costed, linear)."),
+    loss: str = typer.Option("ce", help="ce (labels), distill (KL to the teacher's logits), ffm (final feature matching); combine as ce=1,distill=1."),
+    teacher: str = typer.Option("target", help="Whose logits distill matches: target (each network's own target model) or largest (the largest anchor, as SN-Net)."),
+    ffm_epochs: int = typer.Option(0, "--ffm-epochs", help="Two stages (Mai et al.): the first N epochs train with ffm alone, then --loss."),
+    sampling: str = typer.Option("uniform", help="uniform over networks, or bucket: a FLOPs bucket first (SN-Netv2)."),
+    full_tune: bool = typer.Option(False, "--full-tune/--frozen", help="Also train the anchors, at 0.1x the learning rate (--frozen: stitch layers only)."),
+    anchor_routes: Optional[bool] = typer.Option(None, "--anchor-routes/--no-anchor-routes", help="Sample the anchors as networks too (SN-Net); default: on with --full-tune."),
+    layer: Optional[str] = typer.Option(None, help="Stitch layer: linear, mlp or lora (default: what the search costed, linear)."),
     init: str = typer.Option("ls", help="ls: least squares on probe-train activations; random."),
+    init_images: int = typer.Option(100, "--init-images", help="Probe-train images for the least-squares init."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier training of this run."),
     amp: str = typer.Option("auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16, off."),
@@ -211,7 +215,8 @@ def train_cmd(
 
     config = TrainConfig(
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        loss=loss, sampling=sampling, full_tune=full_tune, layer=layer, init=init, resume=resume,
+        loss=loss, teacher=teacher, ffm_epochs=ffm_epochs, sampling=sampling, full_tune=full_tune,
+        anchor_routes=anchor_routes, layer=layer, init=init, init_images=init_images, resume=resume,
         overwrite=overwrite, amp=amp, device=device, seed=seed, root=root,
     )
     result = train_run(run_dir, config, console=err)

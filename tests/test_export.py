@@ -101,8 +101,8 @@ def test_export_front_files(trained):
 def _in_run_net(fake, run: Path) -> StitchNet:
     """The trained StitchNet as train_run left it: cache models + the final checkpoint."""
     sel = json.loads((run / "selection.json").read_text())
-    net = StitchNet.from_loaded(fake.load_models(), [StitchSpec.from_json(s) for s in sel["stitches"]])
     ckpt = load_checkpoint(checkpoint_path(run))
+    net = StitchNet.from_loaded(fake.load_models(), [StitchSpec.from_json(s) for s in sel["stitches"]], kind=ckpt["layer"])
     for sid, state in ckpt["stitch_states"].items():
         net.stitch_layer(sid).load_state_dict(state)
     for name, state in ckpt["anchor_states"].items():
@@ -162,17 +162,32 @@ def read_route(run: Path, rid: str) -> str:
     return next(r["route"] for r in read_results(run) if r["id"] == rid)
 
 
-def test_export_full_tuned_run_uses_the_tuned_anchors(fake, tmp_path):
+@pytest.mark.parametrize("opts", [dict(), dict(anchor_routes=False), dict(layer="lora", teacher="largest",
+                                                                       loss="ce=1,distill=1")],
+                         ids=["anchor-routes", "no-anchor-routes", "lora-distill"])
+def test_export_full_tuned_run_is_exactly_the_evaluated_network(fake, tmp_path, opts):
+    """After joint training (anchors tuned, and sampled as routes by default) every artifact, anchor or
+    stitch, computes what the run evaluated: the same logits as the trained net, the same eval accuracy."""
+    from klas.train import SplitData, trained_net
+
     run = tmp_path / "ft"
     write_selection(run, fake, pairs=PAIRS[:2])
-    train_run(run, console=quiet(), **{**FAST, "full_tune": True, "epochs": 1})
+    train_run(run, console=quiet(), **{**FAST, "full_tune": True, "epochs": 1, **opts})
+    evaluated = {r["id"]: r["acc_after"] for r in read_results(run)}
     _all_on_front(run)
     res = export_pareto(run, models=True, console=quiet())
+    assert set(res.models) == set(evaluated)
     net = _in_run_net(fake, run)
+    assert trained_net(run).net.state_dict().keys() == net.state_dict().keys()
     x = torch.randn(3, 3, 32, 32)
+    eval_data = SplitData(fake, "eval")
     for rid, rel in res.models.items():
+        model = load_stitched(res.out_dir / rel)
+        assert model.config["full_tune"] is True
         with torch.no_grad():
-            torch.testing.assert_close(load_stitched(res.out_dir / rel)(x), net(x, rid), rtol=0, atol=0)
+            torch.testing.assert_close(model(x), net(x, rid), rtol=0, atol=0)
+            correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb, _ in eval_data.batches(range(eval_data.n), 64, torch.device("cpu")))
+        assert correct / eval_data.n == evaluated[rid], rid
     # and the tuned anchors differ from the cached originals
     original = {m.name: m.adapter for m in fake.load_models()}
     with torch.no_grad():

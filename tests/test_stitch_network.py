@@ -9,7 +9,7 @@ import torch
 from klas.errors import KlasError
 from klas.models import LoadedModel, ModelSpec, adapt, count_macs, data_config_of, profile_adapter
 from klas.stitch.init import DEFAULT_RIDGE, flatten_positions, least_squares_init, solve_ridge
-from klas.stitch.layers import make_stitch_layer, stitch_layer_macs, stitch_layer_params
+from klas.stitch.layers import STITCH_KINDS, make_stitch_layer, stitch_layer_macs, stitch_layer_params
 from klas.stitch.network import (
     StitchedModel, StitchNet, StitchSpec, direct_stitch_macs, stitch_id, stitch_macs, stitch_params,
 )
@@ -46,7 +46,7 @@ def pair():
 
 def test_stitch_layer_shapes_and_costs():
     for layout, shape in (("tokens", (2, 5, 6)), ("nhwc", (2, 3, 3, 6)), ("nchw", (2, 6, 3, 3))):
-        for kind in ("linear", "mlp"):
+        for kind in STITCH_KINDS:
             layer = make_stitch_layer(kind, 6, 4, layout)
             out = layer(torch.randn(*shape))
             exp = list(shape)
@@ -65,7 +65,7 @@ def test_stitch_layer_shapes_and_costs():
         make_stitch_layer("conv", 6, 4, "tokens")
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", STITCH_KINDS)
 def test_stitch_cost_equals_direct_mac_count(pair, kind):
     a, b = pair
     x = torch.randn(1, 3, 32, 32)
@@ -203,7 +203,7 @@ def test_least_squares_init_nchw_and_mlp():
     torch.manual_seed(0)
     images = torch.randn(8, 3, 64, 64)
     for s in specs:  # costs of NCHW stitches (1x1 conv layer) match a direct count too
-        for kind in ("linear", "mlp"):
+        for kind in STITCH_KINDS:
             assert stitch_macs(a.profile, s.src_cut, b.profile, s.dst_cut, kind) == \
                 direct_stitch_macs(a.adapter, s.src_cut, b.adapter, s.dst_cut, (3, 64, 64), kind)
     lin = StitchNet.from_loaded([a, b], specs, kind="linear")
@@ -222,3 +222,13 @@ def test_least_squares_init_nchw_and_mlp():
             s = mlp.specs[sid]
             h = mlp.representations(images, {s.src: [s.src_cut]})[(s.src, s.src_cut)]
             torch.testing.assert_close(mlp.stitch_layer(sid)(h), lin.stitch_layer(sid)(h), rtol=1e-3, atol=1e-3)
+    # the LoRA stitch starts at the same fit, frozen, with a zero update; only the update and bias train
+    lora = StitchNet.from_loaded([a, b], specs, kind="lora")
+    least_squares_init(lora, [images], ridge=DEFAULT_RIDGE)
+    with torch.no_grad():
+        for sid in lora.stitch_ids:
+            s = lora.specs[sid]
+            h = lora.representations(images, {s.src: [s.src_cut]})[(s.src, s.src_cut)]
+            torch.testing.assert_close(lora.stitch_layer(sid)(h), lin.stitch_layer(sid)(h), rtol=1e-5, atol=1e-5)
+    layer = lora.stitch_layer(lora.stitch_ids[0])
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"proj.bias", "down.weight", "up.weight"}

@@ -224,7 +224,8 @@ def _states_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("opts", [
     dict(loss="ce"),
     dict(loss="ce=1,distill=0.5,ffm=0.5", sampling="bucket", full_tune=True),
-], ids=["ce", "full-tune-bucket-mixed-loss"])
+    dict(loss="ce=1,distill=1", teacher="largest", ffm_epochs=1, full_tune=True, layer="lora"),
+], ids=["ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora"])
 def test_resume_continues_exactly(fake, tmp_path, opts):
     write_selection(tmp_path / "straight", fake)
     write_selection(tmp_path / "split", fake)
@@ -409,7 +410,11 @@ def test_train_config_validates_once_and_names_the_flag():
                         (dict(warmup=1.0), r"--warmup .* in \[0, 1\)"), (dict(epochs=1.5), "--epochs"),
                         (dict(steps_per_epoch=0), "--steps-per-epoch"), (dict(amp="fp32"), "--amp"),
                         (dict(sampling="greedy"), "--sampling"), (dict(loss="mse"), "unknown loss"),
-                        (dict(full_tune="yes"), "--full-tune")):
+                        (dict(full_tune="yes"), "--full-tune"), (dict(teacher="biggest"), "--teacher"),
+                        (dict(anchor_routes=True), "--anchor-routes .* needs --full-tune"),
+                        (dict(anchor_routes="yes", full_tune=True), "--anchor-routes"),
+                        (dict(ffm_epochs=5, epochs=5), r"--ffm-epochs \(5\) must be below --epochs \(5\)"),
+                        (dict(ffm_epochs=-1), "--ffm-epochs"), (dict(layer="conv"), "--layer")):
         with pytest.raises(KlasError, match=msg):
             TrainConfig(**kwargs)
     with pytest.raises(KlasError, match="unknown training option"):
@@ -430,3 +435,62 @@ def test_train_run_takes_a_config_and_overrides(fake, tmp_path):
     assert res.complete and manifest["config"] == res.config
     assert set(manifest["config"]) == set(TrainConfig.recipe_keys()) | {"world_size", "device", "amp"}
     assert manifest["config"]["steps_per_epoch"] == 2 and manifest["config"]["layer"] == "linear"
+
+
+def test_anchor_routes_are_sampled_with_full_tune(fake, tmp_path, monkeypatch):
+    import klas.train.loop as loop
+    from klas.train.core import sampled_routes
+
+    routes, buckets = sampled_routes(["s0", "s1", "s2"], [0, 0, 3], [TI, SM])
+    assert routes == ["s0", "s1", "s2", TI, SM] and buckets == [0, 0, 3, 4, 5]  # each anchor a bucket of its own
+    for sampling in ("uniform", "bucket"):
+        drawn = {routes[i] for i in _stitch_sequence(len(routes), 400, sampling, buckets, 0, 1)}
+        assert drawn == set(routes)
+    seen: list[str] = []
+    real_fit = loop.fit
+
+    def recording_fit(net, data, sequence, *args, **kwargs):
+        seen.extend(sequence)
+        return real_fit(net, data, sequence, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", recording_fit)
+    for name, opts in (("frozen", {}), ("full", dict(full_tune=True)), ("full-no-routes", dict(full_tune=True, anchor_routes=False))):
+        seen.clear()
+        write_selection(tmp_path / name, fake)
+        res = train_run(tmp_path / name, console=quiet(), steps_per_epoch=40, **{**FAST, **opts})
+        assert set(seen) & set(MODELS) == (set(MODELS) if name == "full" else set()), name
+        assert res.config["anchor_routes"] is (name == "full")
+
+
+def test_distillation_from_the_largest_anchor():
+    from klas.train.core import Objective
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    targets = {"small": {"logits": torch.randn(6, 10)}, "large": {"logits": torch.randn(6, 10)}}
+    p = torch.tensor([5, 0, 2, 3])
+    y = torch.zeros(4, dtype=torch.long)
+    own = Objective({"distill": 1.0}, 1.0, targets)(logits, None, y, p, "small")
+    big = Objective({"distill": 1.0}, 1.0, targets, teacher="large")(logits, None, y, p, "small")
+    ref = torch.nn.functional.kl_div(logits.log_softmax(1), targets["large"]["logits"][p].log_softmax(1),
+                                     reduction="batchmean", log_target=True)
+    torch.testing.assert_close(big, ref)
+    assert not torch.allclose(own, big)
+
+
+def test_cli_train_defaults_are_the_config_defaults():
+    import dataclasses
+
+    import typer
+
+    from klas.cli import app
+    from klas.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    cmd = typer.main.get_command(app).commands["train"]
+    checked = 0
+    for param in cmd.params:
+        if param.name in defaults and param.name not in ("device", "root"):
+            assert param.default == defaults[param.name], param.name
+            checked += 1
+    assert checked >= 15

@@ -22,8 +22,7 @@ from rich.table import Table
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT, atomic_dir, read_json, write_json_atomic
 from klas.run import (
-    EXPORT, RESULTS, TRAIN_MANIFEST, check_same_selection, open_run_cache, read_selection, run_writer, selection_hash,
-    stitch_specs,
+    EXPORT, RESULTS, TRAIN_MANIFEST, check_same_selection, read_selection, run_writer, selection_hash,
 )
 from klas.units import FLOPS_CONVENTION
 from klas.metrics import is_finite, pareto_front
@@ -221,31 +220,11 @@ def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device,
     import torch
 
     from klas.export.artifact import export_onnx, save_stitched
-    from klas.stitch.network import StitchNet
-    from klas.train import checkpoint_path, load_checkpoint
+    from klas.train import trained_net
 
-    ckpt_path = checkpoint_path(run_dir)
-    ckpt = load_checkpoint(ckpt_path)
-    check_same_selection(ckpt.get("selection_sha256"), selection, ckpt_path, f"rerun klas train {run_dir} --overwrite")
     done = train_info.get("epochs_done")
-    if done is not None and int(ckpt["epoch"]) != int(done):
-        raise KlasError(f"checkpoint {ckpt_path} is at epoch {ckpt['epoch']} but results.parquet is from epoch {done}; "
-                        f"rerun klas train {run_dir} --resume")
-    cache = open_run_cache(selection, run_dir)
-    layer = ckpt.get("layer") or ckpt["config"]["layer"]
-    wanted = {r["id"] for r in front}
-    specs = [s for s in stitch_specs(selection) if s.id in wanted]
-    names = {r["id"] for r in front if r["kind"] == "anchor"} | {n for s in specs for n in (s.src, s.dst)}
-    dev = torch.device(device or "cpu")
-    loaded = [m for m in cache.load_models(device=dev, root=root) if m.name in names]
-    arch = {m.name: m.spec.arch for m in loaded}
-    net = StitchNet.from_loaded(loaded, specs, kind=layer)
-    for s in specs:
-        net.stitch_layer(s.id).load_state_dict(ckpt["stitch_states"][s.id])
-    for name, state in (ckpt.get("anchor_states") or {}).items():  # full_tune: the fine-tuned anchors
-        if name in names:
-            net.adapter(name).load_state_dict(state)
-    net.eval()
+    trained = trained_net(run_dir, [r["id"] for r in front], epochs_done=done, root=root, device=device)
+    net, ckpt, cache, arch = trained.net, trained.checkpoint, trained.cache, trained.arch
     data_config = cache.manifest["data"]["preprocess"]
     size = tuple(data_config["input_size"])
     models_dir = out_dir / "models"

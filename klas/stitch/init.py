@@ -17,7 +17,8 @@ accumulated in float64; then each system is solved.
 ``mlp`` stitches get the same fit, routed through the ReLU: ``fc1 = (W, b + c)``, ``fc2 = (I, -c)``
 with ``c = 6 * rms(W x + b)`` per output channel (from the same sums), so the MLP equals the linear
 fit wherever a pre-activation stays above ``-c`` (essentially every probe sample) and training
-starts from the least-squares solution rather than from noise.
+starts from the least-squares solution rather than from noise. ``lora`` stitches get the fit as
+their frozen weight, with a zero update (SN-Netv2).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from klas.stitch.layers import LinearStitch, MLPStitch
+from klas.stitch.layers import LinearStitch, LoRAStitch, MLPStitch
 from klas.stitch.network import StitchNet
 
 #: Relative ridge: lam = DEFAULT_RIDGE * mean(diag(X^T X)).
@@ -153,11 +154,11 @@ def least_squares_init(
         reports[s.id] = FitReport(samples=n, r2=float(1 - rss / tss) if tss > 0 else float("nan"))
         layer = net.stitch_layer(s.id)
         dtype = next(layer.parameters()).dtype
-        if isinstance(layer, LinearStitch):
+        if isinstance(layer, (LinearStitch, LoRAStitch)):
             layer.set_affine(w.to(dtype), b.to(dtype))
         elif isinstance(layer, MLPStitch):
             shift = MLP_SHIFT_RMS * (fitted_sq / n).clamp_min(0).sqrt()
             layer.set_affine(w.to(dtype), b.to(dtype), shift.to(dtype))
-        else:  # pragma: no cover - make_stitch_layer only builds the two kinds
+        else:  # pragma: no cover - make_stitch_layer only builds these kinds
             raise TypeError(f"cannot least-squares-initialise {type(layer).__name__}")
     return reports

@@ -1,10 +1,14 @@
 """Stitch layers: the small trainable maps that carry one model's representation into another's.
 
-Two kinds, applied independently at every position (token or pixel) of a representation:
+Three kinds, applied independently at every position (token or pixel) of a representation:
 
 * ``linear``: one affine map ``y = W x + b`` (for NCHW feature maps this is a 1x1 convolution; it is
   computed as a Linear on the channel dimension, which gives the same numbers and the same MACs),
-* ``mlp``: ``Linear(in, out) -> ReLU -> Linear(out, out)``, hidden width = target width (Mai et al.).
+* ``mlp``: ``Linear(in, out) -> ReLU -> Linear(out, out)``, hidden width = target width (Mai et al.),
+* ``lora``: ``y = W0 x + b + B A x`` with ``W0`` frozen (the least-squares fit) and a trainable
+  low-rank update ``B A`` of rank ``r = min(LORA_RANK, in, out)``, ``B`` starting at zero (SN-Netv2).
+  It runs unmerged (what is trained is what is evaluated and exported), so it costs
+  ``in*out + r*(in+out)`` MACs per position.
 
 Costs follow fvcore: a Linear of ``in x out`` applied at ``T`` positions is ``T * in * out`` MACs;
 biases and the ReLU are not counted.
@@ -18,8 +22,11 @@ from torch import Tensor, nn
 
 from klas.errors import KlasError
 
-StitchKind = Literal["linear", "mlp"]
-STITCH_KINDS: tuple[str, ...] = ("linear", "mlp")
+StitchKind = Literal["linear", "mlp", "lora"]
+STITCH_KINDS: tuple[str, ...] = ("linear", "mlp", "lora")
+#: Rank of a ``lora`` stitch's update (capped by its widths). SN-Netv2 uses 64 for DeiT-scale widths
+#: (384-1024); the demo's widths are 32-128, so a proportionally smaller rank.
+LORA_RANK = 8
 LAYOUTS: tuple[str, ...] = ("tokens", "nhwc", "nchw")
 
 
@@ -101,21 +108,57 @@ class MLPStitch(_ChannelMap):
         self.fc2.bias.copy_(-shift)
 
 
+class LoRAStitch(_ChannelMap):
+    """``proj(x) + up(down(x))``: ``proj`` frozen (set by the least-squares fit), ``down`` (rank x in,
+    random) and ``up`` (out x rank, zero) trainable, so training starts exactly at ``proj``."""
+
+    kind = "lora"
+
+    def __init__(self, in_width: int, out_width: int, layout: str) -> None:
+        super().__init__(in_width, out_width, layout)
+        self.rank = lora_rank(in_width, out_width)
+        self.proj = nn.Linear(in_width, out_width)
+        self.proj.weight.requires_grad_(False)
+        self.down = nn.Linear(in_width, self.rank, bias=False)
+        self.up = nn.Linear(self.rank, out_width, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def _map(self, h: Tensor) -> Tensor:
+        return self.proj(h) + self.up(self.down(h))
+
+    @torch.no_grad()
+    def set_affine(self, weight: Tensor, bias: Tensor) -> None:
+        """Set the frozen ``W0`` and the bias (trainable), and reset the update to zero."""
+        self.proj.weight.copy_(weight)
+        self.proj.bias.copy_(bias)
+        self.up.weight.zero_()
+
+
+_LAYERS = {"linear": LinearStitch, "mlp": MLPStitch, "lora": LoRAStitch}
+
+
+def lora_rank(in_width: int, out_width: int) -> int:
+    """The rank of a ``lora`` stitch between these widths: ``min(LORA_RANK, in, out)``."""
+    return min(LORA_RANK, int(in_width), int(out_width))
+
+
 def make_stitch_layer(kind: str, in_width: int, out_width: int, layout: str) -> nn.Module:
     """A fresh stitch layer mapping ``in_width`` channels to ``out_width`` in the given layout."""
     _check(kind, in_width, out_width, layout)
-    return (LinearStitch if kind == "linear" else MLPStitch)(int(in_width), int(out_width), layout)
+    return _LAYERS[kind](int(in_width), int(out_width), layout)
 
 
 def stitch_layer_macs(kind: str, in_width: int, out_width: int, positions: int) -> int:
     """MACs of one stitch layer applied at ``positions`` positions (fvcore: biases, ReLU not counted)."""
     _check(kind, in_width, out_width, "tokens")
-    per_position = in_width * out_width + (out_width * out_width if kind == "mlp" else 0)
-    return int(positions) * per_position
+    extra = {"linear": 0, "mlp": out_width * out_width,
+             "lora": lora_rank(in_width, out_width) * (in_width + out_width)}[kind]
+    return int(positions) * (in_width * out_width + extra)
 
 
 def stitch_layer_params(kind: str, in_width: int, out_width: int) -> int:
-    """Parameters of one stitch layer (weights and biases)."""
+    """Parameters of one stitch layer (weights and biases, frozen ones included)."""
     _check(kind, in_width, out_width, "tokens")
-    linear = in_width * out_width + out_width
-    return linear + (out_width * out_width + out_width if kind == "mlp" else 0)
+    extra = {"linear": 0, "mlp": out_width * out_width + out_width,
+             "lora": lora_rank(in_width, out_width) * (in_width + out_width)}[kind]
+    return in_width * out_width + out_width + extra

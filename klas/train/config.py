@@ -24,6 +24,7 @@ from klas.train.losses import loss_string, parse_loss
 
 SAMPLINGS = ("uniform", "bucket")
 INITS = ("ls", "random")
+TEACHERS = ("target", "largest")
 
 
 def _recipe(default: Any) -> Any:
@@ -37,11 +38,19 @@ class TrainConfig:
     * ``epochs`` (5): passes over the probe-train split; ``steps_per_epoch`` (None = ceil(N / global batch)).
     * ``batch_size`` (64, per process), ``lr`` (1e-3, AdamW, for stitch layers), ``weight_decay`` (0.05, on
       weight matrices only), ``warmup`` (0.1: fraction of all steps in linear warm-up, then cosine to 0).
-    * ``loss`` ("ce"): ``ce``, ``distill`` (KL to the target model's own logits, label-free), ``ffm``
-      (MSE to its pre-logits features, label-free) or weighted sums like ``"ce=1,ffm=0.5"``.
-    * ``sampling`` ("uniform" | "bucket"): which stitch each step trains.
+    * ``loss`` ("ce"): ``ce``, ``distill`` (KL to a teacher's logits, label-free), ``ffm``
+      (MSE to the target model's pre-logits features, label-free) or weighted sums like ``"ce=1,ffm=0.5"``.
+    * ``teacher`` ("target" | "largest"): whose logits ``distill`` matches: each network's own target
+      model, or the largest anchor (most MACs) for every network, as SN-Net distils from a stronger
+      model. Teachers keep their original weights (their logits are computed once, before training).
+    * ``ffm_epochs`` (0): Mai et al.'s two stages: the first ``ffm_epochs`` epochs train with ``ffm``
+      alone, the rest with ``loss`` (one learning-rate schedule over all epochs).
+    * ``sampling`` ("uniform" | "bucket"): which network each step trains.
     * ``full_tune`` (False): also fine-tune the anchors, at ``anchor_lr_scale`` (0.1) x ``lr``.
-    * ``layer`` (None = the selection's, else "linear"): stitch layer kind, "linear" or "mlp".
+    * ``anchor_routes`` (None = ``full_tune``): the anchors are sampled as routes too (SN-Net: each step
+      trains one network drawn from the stitches and the anchors; with ``bucket`` sampling each anchor
+      is a bucket of its own). Needs ``full_tune`` (frozen anchors have nothing to train).
+    * ``layer`` (None = the selection's, else "linear"): stitch layer kind, "linear", "mlp" or "lora".
     * ``init`` ("ls" | "random"), ``init_images`` (100) and ``ridge`` (1e-4, relative) for the least-squares fit.
     * ``temperature`` (1.0) for ``distill``; ``seed`` (0): every random choice derives from it.
     * ``resume`` (False): continue ``checkpoints/last.pt`` (same selection and recipe required);
@@ -60,9 +69,12 @@ class TrainConfig:
     weight_decay: float = _recipe(0.05)
     warmup: float = _recipe(0.1)
     loss: str = _recipe("ce")
+    teacher: str = _recipe("target")
+    ffm_epochs: int = _recipe(0)
     sampling: str = _recipe("uniform")
     full_tune: bool = _recipe(False)
     anchor_lr_scale: float = _recipe(0.1)
+    anchor_routes: bool | None = _recipe(None)
     layer: str | None = _recipe(None)
     init: str = _recipe("ls")
     init_images: int = _recipe(DEFAULT_INIT_IMAGES)
@@ -89,6 +101,10 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 self._int(name, minimum=1)
         self._int("seed", minimum=None)
+        self._int("ffm_epochs", minimum=0)
+        if self.ffm_epochs >= self.epochs:
+            raise KlasError(f"--ffm-epochs ({self.ffm_epochs}) must be below --epochs ({self.epochs}): "
+                            f"the epochs after them train with --loss")
         self._int("workers", minimum=0)
         self._number("lr", "> 0", lambda v: v > 0)
         self._number("weight_decay", ">= 0", lambda v: v >= 0)
@@ -99,12 +115,15 @@ class TrainConfig:
         self._number("preload_limit_gb", ">= 0", lambda v: v >= 0)
         self._choice("sampling", SAMPLINGS)
         self._choice("init", INITS)
+        self._choice("teacher", TEACHERS)
         self._choice("amp", AMP_CHOICES)
         if self.layer is not None:
             self._choice("layer", STITCH_KINDS)
-        for name in ("full_tune", "resume", "overwrite", "latency"):
+        for name in ("full_tune", "resume", "overwrite", "latency") + (("anchor_routes",) if self.anchor_routes is not None else ()):
             if not isinstance(getattr(self, name), bool):
                 raise KlasError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.anchor_routes and not self.full_tune:
+            raise KlasError("--anchor-routes trains the anchors as routes of their own; it needs --full-tune")
         parse_loss(self.loss)  # a KlasError naming the bad term
         object.__setattr__(self, "root", Path(self.root))
 
@@ -137,10 +156,19 @@ class TrainConfig:
         """``loss`` parsed (:func:`klas.train.losses.parse_loss`)."""
         return parse_loss(self.loss)
 
+    @property
+    def routes_anchors(self) -> bool:
+        """Whether the anchors are sampled as routes (``anchor_routes``, by default ``full_tune``)."""
+        return self.full_tune if self.anchor_routes is None else self.anchor_routes
+
+    def loss_weights_at(self, epoch: int) -> dict[str, float]:
+        """The loss of epoch ``epoch`` (1-based): ``ffm`` alone in the first ``ffm_epochs``, else ``loss``."""
+        return {"ffm": 1.0} if epoch <= self.ffm_epochs else self.loss_weights
+
     def resolved(self, *, steps_per_epoch: int, layer: str) -> "TrainConfig":
         """This config with the run's defaults filled in and the loss spelled canonically."""
         return dataclasses.replace(self, steps_per_epoch=steps_per_epoch, layer=layer,
-                                   loss=loss_string(self.loss_weights))
+                                   loss=loss_string(self.loss_weights), anchor_routes=self.routes_anchors)
 
     def recipe(self) -> dict[str, Any]:
         """The ``recipe`` fields as a dict (call on a :meth:`resolved` config for the manifest)."""
@@ -159,4 +187,4 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-__all__ = ["INITS", "SAMPLINGS", "TrainConfig"]
+__all__ = ["INITS", "SAMPLINGS", "TEACHERS", "TrainConfig"]

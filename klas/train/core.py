@@ -47,21 +47,23 @@ class Objective:
     """What a step minimises for one network: ``weights`` of the terms ``ce`` / ``distill`` / ``ffm``
     (:func:`klas.train.losses.parse_loss`), the distillation ``temperature``, and ``targets``: per
     model name, its own ``"logits"`` / ``"features"`` on every training image (rows indexed by the
-    batch's positions; :func:`teacher_targets`). A network's target is the model whose head it ends in."""
+    batch's positions; :func:`teacher_targets`). A network's target is the model whose head it ends in;
+    ``ffm`` matches the target's features, ``distill`` the logits of ``teacher`` (None: the target's)."""
 
     weights: Mapping[str, float]
     temperature: float = 1.0
     targets: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    teacher: str | None = None
 
     @property
     def wants_features(self) -> bool:
         return needs_teacher(self.weights)[1]
 
     def __call__(self, logits: Tensor, features: Tensor | None, labels: Tensor, positions: Tensor, target: str) -> Tensor:
-        t = self.targets.get(target, {})
+        t, teacher = self.targets.get(target, {}), self.targets.get(self.teacher or target, {})
         dev = logits.device
         total, _ = stitch_loss(self.weights, logits, labels, features,
-                               t["logits"][positions].to(dev) if "logits" in t else None,
+                               teacher["logits"][positions].to(dev) if "logits" in teacher else None,
                                t["features"][positions].to(dev) if "features" in t else None, self.temperature)
         return total
 
@@ -113,6 +115,19 @@ def init_stitches(net: StitchNet, data: SplitData, *, images: int, ridge: float,
     pos = torch.randperm(data.n, generator=g)[: min(images, data.n)].sort().values
     reports = least_squares_init(net, (x for x, _, _ in data.batches(pos, batch_size, device)), ridge=ridge)
     return {k: v.r2 for k, v in reports.items()}
+
+
+def largest_anchor(net: StitchNet) -> str:
+    """The anchor with the most MACs (the first listed on a tie): the ``teacher="largest"`` model."""
+    return max(net.anchor_names, key=net.macs)
+
+
+def sampled_routes(stitch_ids: Sequence[str], buckets: Sequence[int],
+                   anchors: Sequence[str] = ()) -> tuple[list[str], list[int]]:
+    """The networks steps sample from and their buckets: the stitches, then the ``anchors`` (SN-Net
+    samples anchors as routes too), each anchor a bucket of its own after the stitches' buckets."""
+    top = max(buckets, default=-1)
+    return list(stitch_ids) + list(anchors), list(buckets) + [top + 1 + k for k in range(len(anchors))]
 
 
 def stitch_sequence(n: int, steps: int, sampling: str, buckets: Sequence[int], seed: int, epoch: int) -> list[int]:
@@ -214,5 +229,5 @@ def fit(net: StitchNet, data: SplitData, sequence: Sequence[Ids], objective: Obj
     return losses
 
 
-__all__ = ["Batch", "NonFiniteLoss", "Objective", "fit", "init_stitches", "make_optimizer", "stitch_sequence",
-           "teacher_targets", "train_step"]
+__all__ = ["Batch", "NonFiniteLoss", "Objective", "fit", "init_stitches", "largest_anchor", "make_optimizer",
+           "sampled_routes", "stitch_sequence", "teacher_targets", "train_step"]

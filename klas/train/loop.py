@@ -5,9 +5,11 @@
 2. Fit every linear stitch in one batched pass over ``init_images`` probe-train images
    (:func:`klas.stitch.init.least_squares_init`), then evaluate every stitch and anchor on the eval
    split ("before").
-3. Fine-tune jointly: every step samples one stitch (``uniform``, or ``bucket``: a FLOPs bucket first,
-   then a stitch in it, as SN-Netv2) and updates its stitch layer on one batch; anchors stay frozen
-   unless ``full_tune`` (then they train too, at ``anchor_lr_scale`` x the learning rate). AdamW,
+3. Fine-tune jointly: every step samples one network (``uniform``, or ``bucket``: a FLOPs bucket first,
+   then a member, as SN-Netv2) and updates it on one batch; anchors stay frozen unless ``full_tune``
+   (then they train too, at ``anchor_lr_scale`` x the learning rate, and, with ``anchor_routes``, are
+   sampled as networks of their own, as SN-Net). The loss is ``loss`` (``ffm`` alone in the first
+   ``ffm_epochs``); ``distill`` matches the target's or the largest anchor's original logits. AdamW,
    linear warm-up then cosine decay, per step. AMP (bf16, else fp16) on CUDA only.
 4. Checkpoint after every epoch (``checkpoints/last.pt``, replaced atomically), evaluate ("after"),
    time each network, write ``results.parquet`` and then ``train.json`` (the run's manifest, last).
@@ -42,7 +44,10 @@ from klas.run import (
 from klas.stitch.network import StitchNet, StitchSpec, route_string
 from klas.train.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from klas.train.config import INITS, SAMPLINGS, TrainConfig
-from klas.train.core import NonFiniteLoss, Objective, fit, init_stitches, make_optimizer, stitch_sequence, teacher_targets
+from klas.train.core import (
+    NonFiniteLoss, Objective, fit, init_stitches, largest_anchor, make_optimizer, sampled_routes, stitch_sequence,
+    teacher_targets,
+)
 from klas.train.data import SplitData, epoch_positions
 from klas.train.evaluate import evaluate_all, measure_latency
 from klas.train.results import RESULTS, write_results
@@ -139,13 +144,19 @@ class RunContext:
 
 @dataclass
 class Trainer:
-    """What the epochs train with: the stitchable network, its objective and optimiser state."""
+    """What the epochs train with: the stitchable network, its objectives (``first``: the ``ffm`` stage,
+    None without one), optimiser state, and the networks steps sample from with their buckets."""
 
     net: StitchNet
     objective: Objective
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    routes: list[str]
     buckets: list[int]
+    first: Objective | None = None
+
+    def objective_at(self, epoch: int, ffm_epochs: int) -> Objective:
+        return self.first if epoch <= ffm_epochs and self.first is not None else self.objective
 
     @property
     def trained_params(self) -> list[torch.nn.Parameter]:
@@ -238,14 +249,20 @@ def build_trainer(ctx: RunContext) -> Trainer:
     models = [m for m in ctx.cache.load_models(device=ctx.device, root=cfg.root) if m.name in used]
     net = StitchNet.from_loaded(models, ctx.specs, kind=cfg.layer).to(ctx.device)
     ctx.timer.lap("models")
-    weights = cfg.loss_weights
-    targets = teacher_targets(net, ctx.train_data, sorted({s.dst for s in ctx.specs}), weights,
+    anchors = [a["name"] for a in ctx.selection["anchors"]] if cfg.anchor_routes else []
+    routes, buckets = sampled_routes([s.id for s in ctx.specs],
+                                     _buckets_of(ctx.specs, int(ctx.selection.get("buckets") or 20)), anchors)
+    teacher = largest_anchor(net) if cfg.teacher == "largest" else None
+    names = {s.dst for s in ctx.specs} | set(anchors) | ({teacher} if teacher else set())
+    every_term = {**cfg.loss_weights_at(1), **cfg.loss_weights}  # the outputs any epoch's loss reads
+    targets = teacher_targets(net, ctx.train_data, sorted(names), every_term,
                               batch_size=cfg.eval_batch_size, device=ctx.device, amp_dtype=ctx.amp_dtype)
     opt = make_optimizer(net, cfg.lr, cfg.weight_decay, full_tune=cfg.full_tune, anchor_lr_scale=cfg.anchor_lr_scale)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp_dtype == torch.float16)
-    buckets = _buckets_of(ctx.specs, int(ctx.selection.get("buckets") or 20))
     ctx.timer.lap("teacher_targets")
-    return Trainer(net, Objective(weights, cfg.temperature, targets), opt, scaler, buckets)
+    objective = Objective(cfg.loss_weights, cfg.temperature, targets, teacher)
+    first = Objective(cfg.loss_weights_at(1), cfg.temperature, targets) if cfg.ffm_epochs else None
+    return Trainer(net, objective, opt, scaler, routes, buckets, first)
 
 
 def _buckets_of(specs: list[StitchSpec], num_buckets: int) -> list[int]:
@@ -347,14 +364,14 @@ _COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteCol
 
 
 def run_epoch(ctx: RunContext, tr: Trainer, epoch: int) -> dict:
-    """One epoch of joint fine-tuning (each step one sampled stitch on this rank's share of a global
+    """One epoch of joint fine-tuning (each step one sampled network on this rank's share of a global
     batch, gradients averaged over ranks); returns its history record."""
     cfg, steps, world = ctx.cfg, ctx.cfg.steps_per_epoch, ctx.world
     total = cfg.epochs * steps
     warm = warmup_steps_of(cfg.warmup, total)
     positions = epoch_positions(ctx.train_data.n, steps, cfg.batch_size * world, cfg.seed, epoch)
     positions = positions.view(steps, world, cfg.batch_size)[:, ctx.rank].reshape(-1)
-    ids = [s.id for s in ctx.specs]
+    ids = tr.routes
     sequence = [ids[i] for i in stitch_sequence(len(ids), steps, cfg.sampling, tr.buckets, cfg.seed, epoch)]
     sync = (lambda: _all_reduce_grads(tr.trained_params, world)) if world > 1 else None
     t0 = time.perf_counter()
@@ -370,11 +387,11 @@ def run_epoch(ctx: RunContext, tr: Trainer, epoch: int) -> dict:
             bar.update(task, advance=1, loss=f"{running[0] / len(losses):.4f}", rate=f"{rate:.1f}", stitch=sid)
 
         try:
-            fit(tr.net, ctx.train_data, sequence, tr.objective, tr.opt, tr.scaler, positions=positions,
+            fit(tr.net, ctx.train_data, sequence, tr.objective_at(epoch, cfg.ffm_epochs), tr.opt, tr.scaler, positions=positions,
                 batch_size=cfg.batch_size, device=ctx.device, schedule=lambda s: warmup_cosine(s, total, warm),
                 start_step=(epoch - 1) * steps, amp_dtype=ctx.amp_dtype, sync_grads=sync, on_step=on_step)
         except NonFiniteLoss as exc:
-            raise KlasError(f"loss became {exc.value} at epoch {epoch} step {len(losses) + 1} (stitch {exc.ids}); "
+            raise KlasError(f"loss became {exc.value} at epoch {epoch} step {len(losses) + 1} (network {exc.ids}); "
                             f"lower --lr (now {cfg.lr:g}) and train again with --overwrite") from None
     seconds = time.perf_counter() - t0
     return {"epoch": epoch, "loss": running[0] / max(len(losses), 1), "steps": steps, "seconds": seconds,
