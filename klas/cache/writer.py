@@ -148,7 +148,8 @@ def _check_options(
     specs = [parse_spec(m) for m in models]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise KlasError(f"model {max(names, key=names.count)} given twice; each --model must be a different architecture")
+        twice = max(names, key=names.count)
+        raise KlasError(f"two models named {twice}; give one an alias: --model {twice} --model other:{twice}=weights.pth")
     return specs, splits
 
 
