@@ -100,9 +100,18 @@ def cache(
         model, data, target, splits=[s.strip() for s in split.split(",") if s.strip()], limit=limit,
         random_init=random_init, batch_size=batch_size, workers=workers, device=device, amp=amp,
         overwrite=overwrite, verify=verify, seed=seed, root=root, preprocess=pre, console=err,
+        on_loaded=_print_compatibility,
     )
     if summary.status != "shard":
         _print_cache(summary)
+
+
+def _print_compatibility(profiles) -> None:
+    """The pre-flight stitch compatibility report (to stderr), for two or more models."""
+    from klas.stitch.report import compatibility_report, report_table
+
+    if len(profiles) > 1:
+        err.print(report_table(compatibility_report(profiles)))
 
 
 def _print_cache(summary) -> None:
