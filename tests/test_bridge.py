@@ -158,3 +158,13 @@ def test_compatibility_report(models):
     text = io.StringIO()
     Console(file=text, width=200).print(report_table(list(rows.values())))
     assert "vit_cls -> resnet" in text.getvalue()
+
+
+def test_learned_prefix_tokens_get_no_weight_decay(models):
+    from klas.train.core import make_optimizer
+
+    net = StitchNet.from_loaded(models.values(), [_spec("vit_cls", 1, "vit_reg", 1)], "linear")
+    opt = make_optimizer(net, 1e-3, 0.05)
+    extra = net.stitch_layer(_spec("vit_cls", 1, "vit_reg", 1).id).bridge.extra
+    group = next(g for g in opt.param_groups if any(p is extra for p in g["params"]))
+    assert group["weight_decay"] == 0.0
