@@ -68,7 +68,7 @@ def zoo(
 
 @app.command()
 def cache(
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="timm name (pretrained), NAME=weights.safetensors|.pth, or a demo model (klas_vit_ti, ...). Repeat for k models."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="timm name (pretrained), NAME=weights.safetensors|.pth, or a demo model (klas_vit_ti, ...); ALIAS:NAME[=weights] names it ALIAS (one architecture twice). Repeat for k models."),
     data: Optional[str] = typer.Option(None, "--data", help="An ImageFolder directory (one sub-folder per class) or 'digits'."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: cache/<models joined by +>); new, empty or a klas cache."),
     split: str = typer.Option("probe-train,score,eval", help="Comma-separated splits to cache."),
@@ -94,15 +94,24 @@ def cache(
     if data is None:
         raise KlasError("no data given; pass --data DIR (an ImageFolder directory) or --data digits")
     model = model or []
-    target = out_dir or root / "+".join(m.split("=")[0] for m in model)
+    target = out_dir or root / "+".join(m.split("=")[0].split(":")[0] for m in model)  # names: alias or arch
     pre = {"input_size": [3, input_size, input_size]} if input_size is not None else None
     summary = build_cache(
         model, data, target, splits=[s.strip() for s in split.split(",") if s.strip()], limit=limit,
         random_init=random_init, batch_size=batch_size, workers=workers, device=device, amp=amp,
         overwrite=overwrite, verify=verify, seed=seed, root=root, preprocess=pre, console=err,
+        on_loaded=_print_compatibility,
     )
     if summary.status != "shard":
         _print_cache(summary)
+
+
+def _print_compatibility(profiles) -> None:
+    """The pre-flight stitch compatibility report (to stderr), for two or more models."""
+    from klas.stitch.report import compatibility_report, report_table
+
+    if len(profiles) > 1:
+        err.print(report_table(compatibility_report(profiles)))
 
 
 def _print_cache(summary) -> None:

@@ -38,6 +38,7 @@ from klas.probes import ProbeBank, SoftmaxTargets
 from klas.run import SELECTION, SELECTION_FORMAT, claim_run, write_search
 from klas.select import STRATEGIES, check_budget, check_selection_args, select
 from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
+from klas.stitch.report import compatibility_report, report_table
 from klas.stitch.layers import STITCH_KINDS
 from klas.utils import DEFAULT_ROOT, package_versions, resolve_device, sha256_json
 
@@ -157,6 +158,7 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
                    progress: bool) -> SearchResult:
     """The search proper, run while this process holds the run's lock: score, select, write the run."""
     stitches = enumerate_stitches(cache.profiles, inputs["direction"], inputs["layer"])
+    console.print(report_table(compatibility_report(cache.profiles, inputs["direction"], inputs["layer"])))
     anchor_list = anchors(cache.profiles)
     index = _probe_index(cache)
     bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress)

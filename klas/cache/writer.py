@@ -45,7 +45,7 @@ from klas.errors import KlasError
 from klas.fs import (
     LOCK, MARKER, DirLock, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir, write_json_atomic,
 )
-from klas.models import LoadedModel, ModelSpec, load_model, parse_spec
+from klas.models import LoadedModel, ModelSpec, Profile, load_model, parse_spec
 from klas.optim import AMP_DTYPES, autocast, parse_amp
 from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
 
@@ -148,7 +148,8 @@ def _check_options(
     specs = [parse_spec(m) for m in models]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise KlasError(f"model {max(names, key=names.count)} given twice; each --model must be a different architecture")
+        twice = max(names, key=names.count)
+        raise KlasError(f"two models named {twice}; give one an alias: --model {twice} --model other:{twice}=weights.pth")
     return specs, splits
 
 
@@ -344,6 +345,7 @@ def build_cache(
     preprocess: dict | None = None,
     console: Console | None = None,
     progress: bool = True,
+    on_loaded: Callable[[dict[str, Profile]], None] | None = None,
 ) -> CacheSummary:
     """Cache per-block pooled features and logits of ``models`` on ``data``; see docs/formats.md.
 
@@ -351,6 +353,8 @@ def build_cache(
     all models see the same preprocessed pixels. Resumes a partial cache of the same configuration.
     ``workers``: DataLoader processes, ``"auto"`` (see :func:`klas.data.resolve_workers`) or a number.
     ``verify``: when the cache is already complete, check every file's sha256 (not only sizes and mtimes).
+    ``on_loaded(profiles)``: called once on rank 0 when every model is loaded and profiled, before any
+    image is computed (the CLI prints the stitch compatibility report there).
 
     ``out`` must be new, empty or a klas cache directory; ``overwrite`` only ever clears a klas cache.
     Everything that can be refused (arguments, --out, --root, a second writer) is refused before any
@@ -364,7 +368,7 @@ def build_cache(
     rank, world = dist_rank_world()
     dev, amp = _device(device, amp, rank, world)
     req = _Request(specs, str(data), out, splits, limit, random_init, batch_size, resolve_workers(workers, dev),
-                   dev, amp, overwrite, verify, seed, root, preprocess)
+                   dev, amp, overwrite, verify, seed, root, preprocess, on_loaded)
     with ExitStack() as stack:
         if rank == 0:
             claim_dir(out, "cache", "--out", legacy=recognise_cache)
@@ -394,6 +398,7 @@ class _Request:
     seed: int
     root: Path
     preprocess: dict | None
+    on_loaded: Callable[[dict[str, Profile]], None] | None = None
 
 
 def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
@@ -405,6 +410,8 @@ def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
     source = open_source(req.data, root=req.root)
     split_defs = {k: v for k, v in make_splits(source, seed=req.seed, limit=req.limit).items() if k in req.splits}
     loaded, config = _load_models(req.specs, req.preprocess, req.random_init, req.root, req.device, req.seed)
+    if req.on_loaded is not None and rank == 0:
+        req.on_loaded({m.name: m.profile for m in loaded})
     columns = [feature_columns(m) for m in loaded]
     widths = [cols[-1][list(cols[-1])[-1]][1] for cols in columns]
     data_info = {

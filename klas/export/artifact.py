@@ -17,7 +17,8 @@ from torch import nn
 
 from klas.errors import KlasError
 from klas.fs import atomic_path, write_json_atomic
-from klas.models import Adapter, adapt
+from klas.models import Adapter, Rep, adapt
+from klas.stitch.bridge import BridgedStitch
 from klas.stitch.layers import make_stitch_layer
 from klas.stitch.network import AnchorModel, StitchedModel
 
@@ -60,6 +61,15 @@ def _model_entry(arch: str, adapter: Adapter, cut: int | None) -> dict[str, Any]
             "num_blocks": adapter.num_blocks, "cut": cut}
 
 
+def _stitch_entry(layer: nn.Module) -> dict[str, Any]:
+    """``config.json``'s ``stitch``: the layer's kind and widths, plus a bridged stitch's two representations."""
+    if isinstance(layer, BridgedStitch):
+        b = layer.bridge
+        return {"kind": layer.kind, "in_width": layer.in_width, "out_width": layer.out_width, "layout": "tokens",
+                "bridge": {"src": b.src.to_json(), "dst": b.dst.to_json()}}
+    return {"kind": layer.kind, "in_width": layer.in_width, "out_width": layer.out_width, "layout": layer.layout}
+
+
 def save_stitched(model: nn.Module, out_dir: Path, *, src_arch: str, dst_arch: str | None = None,
                   info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (a :class:`StitchedModel` or :class:`AnchorModel`) to ``out_dir``.
@@ -80,7 +90,7 @@ def save_stitched(model: nn.Module, out_dir: Path, *, src_arch: str, dst_arch: s
             "kind": "stitch",
             "src": _model_entry(src_arch, model.src, model.src_cut),
             "dst": _model_entry(dst_arch or src_arch, model.dst, model.dst_cut),
-            "stitch": {"kind": layer.kind, "in_width": layer.in_width, "out_width": layer.out_width, "layout": layer.layout},
+            "stitch": _stitch_entry(layer),
             "num_classes": model.dst.num_classes,
         }
     elif isinstance(model, AnchorModel):
@@ -152,7 +162,10 @@ def load_stitched(path: Path | str, device: str | torch.device = "cpu") -> nn.Mo
     else:
         dst = _build(config["dst"])
         s = config["stitch"]
-        layer = make_stitch_layer(s["kind"], s["in_width"], s["out_width"], s["layout"])
+        if "bridge" in s:
+            layer = BridgedStitch(s["kind"], Rep.from_json(s["bridge"]["src"]), Rep.from_json(s["bridge"]["dst"]))
+        else:
+            layer = make_stitch_layer(s["kind"], s["in_width"], s["out_width"], s["layout"])
         layer.load_state_dict(parts["stitch"])
         _load_part(src, parts["src"], "src", config["src"]["cut"], path)
         _load_part(dst, parts["dst"], "dst", config["dst"]["cut"], path)

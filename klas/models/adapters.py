@@ -93,6 +93,11 @@ class Adapter(nn.Module):
     def num_classes(self) -> int:
         return int(self.model.num_classes)
 
+    @property
+    def class_token(self) -> bool:
+        """Whether prefix token 0 of every representation is a class token (token layout only)."""
+        return False
+
     def run_blocks(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
         """Apply blocks ``start .. stop-1`` (``stop=None``: to the end)."""
         for block in self._blocks[start:stop]:
@@ -123,6 +128,10 @@ class ViTAdapter(Adapter):
     @property
     def num_prefix(self) -> int:
         return int(self.model.num_prefix_tokens)
+
+    @property
+    def class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
 
     @property
     def pool_names(self) -> tuple[str, ...]:

@@ -7,6 +7,11 @@ Three sources of weights:
   the weights klas trains locally under ``cache/zoo``);
 * ``NAME=path/to/file.safetensors|.pth``: a local file;
 * ``random_init=True``: untrained, seeded weights (what the tests use; never touches the network).
+
+Any of the first two may carry an alias in front, ``ALIAS:NAME[=path]``: the model is then called
+``ALIAS`` everywhere (cache directories, manifest, candidates, selection, training, export), so two
+trainings of one architecture can be stitched (``--model klas_vit_ti --model b:klas_vit_ti=b.pth``).
+Without an alias a model's name is its architecture.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from klas.models.profile import Profile, profile_adapter
 from klas.utils import DEFAULT_ROOT, sha256_file, sha256_state_dict
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+#: What an alias may hold: no ``:``, ``=``, ``/`` or ``->`` (they delimit specs, stitch ids and paths).
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 @dataclass(frozen=True)
@@ -35,28 +42,33 @@ class ModelSpec:
 
     arch: str  # timm architecture name
     path: Path | None = None  # local weights, if given
+    alias: str | None = None  # the model's name when it is not its architecture
 
     @property
     def name(self) -> str:
-        return self.arch
+        return self.alias or self.arch
 
     def __str__(self) -> str:
-        return self.arch if self.path is None else f"{self.arch}={self.path}"
+        text = self.arch if self.path is None else f"{self.arch}={self.path}"
+        return text if self.alias is None else f"{self.alias}:{text}"
 
 
 def parse_spec(text: str) -> ModelSpec:
-    """``NAME`` or ``NAME=path``; checks the name against timm's registry and the path on disk."""
-    arch, sep, path = text.partition("=")
-    arch = arch.strip()
+    """``[ALIAS:]NAME[=path]``; checks the alias, the name against timm's registry and the path on disk."""
+    head, sep, path = text.partition("=")
+    alias, colon, arch = head.rpartition(":")
+    arch, alias = arch.strip(), (alias.strip() if colon else None)
+    if alias is not None and not ALIAS_PATTERN.fullmatch(alias):
+        raise KlasError(f"model alias {alias!r} in {text!r} must be letters, digits, '_', '.', '+' or '-'; e.g. b:{arch}")
     _check_arch(arch)
     if not sep:
-        return ModelSpec(arch)
+        return ModelSpec(arch, alias=alias)
     p = Path(path.strip()).expanduser()
     if not p.is_file():
         raise KlasError(f"weights file for {arch} not found: {p}; give an existing .safetensors or .pth file")
     if p.suffix not in WEIGHT_SUFFIXES:
         raise KlasError(f"weights file {p} has suffix {p.suffix!r}; klas reads {', '.join(WEIGHT_SUFFIXES)}")
-    return ModelSpec(arch, p)
+    return ModelSpec(arch, p, alias)
 
 
 #: Local weight sources, consulted in order before timm's own download: ``source(arch, root) -> Path | None``.
@@ -123,8 +135,8 @@ def _create(arch: str, pretrained: bool, **kwargs) -> nn.Module:
 
 def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT_ROOT, seed: int = 0) -> tuple[nn.Module, str]:
     """The eval-mode model for a spec and a hash of its weights."""
-    if random_init:
-        torch.manual_seed(seed ^ zlib.crc32(spec.arch.encode()))
+    if random_init:  # seeded by name: two aliases of one architecture get different weights
+        torch.manual_seed(seed ^ zlib.crc32(spec.name.encode()))
         model = _create(spec.arch, pretrained=False)
         return model.eval(), sha256_state_dict(model.state_dict())
     path = spec.path

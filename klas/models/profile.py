@@ -48,6 +48,7 @@ class Rep:
     num_prefix: int  # cls/dist tokens in front of the patch tokens (token layout only)
     macs: int  # MACs of the module producing it (stem for index 0, block index-1 otherwise)
     params: int  # parameters of that module
+    class_token: bool = False  # prefix token 0 is a class token (the others: register / distillation)
 
     @property
     def tokens(self) -> int:
@@ -63,7 +64,8 @@ class Rep:
 
     @classmethod
     def from_json(cls, d: dict) -> "Rep":
-        return cls(**{**d, "grid": tuple(d["grid"])})
+        # caches written before ``class_token`` was recorded held only ViTs whose prefix starts with cls
+        return cls(**{"class_token": d.get("num_prefix", 0) > 0, **d, "grid": tuple(d["grid"])})
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ def _profile(adapter: Adapter, input_size: tuple[int, int, int]) -> Profile:
 
     def record(h: Tensor, macs: int, params: int) -> None:
         width, grid, prefix = adapter.shape_of(h)
-        reps.append(Rep(len(reps), adapter.layout, int(width), tuple(map(int, grid)), prefix, macs, params))
+        reps.append(Rep(len(reps), adapter.layout, int(width), tuple(map(int, grid)), prefix, macs, params,
+                        bool(adapter.class_token)))
 
     macs, h = count_macs(adapter.stem, x)
     record(h, macs, stem_params)

@@ -11,8 +11,9 @@ and are never selected.
 * ``cka``: the same bucket rule on the distance 1 - CKA(a_i, b_j) between pooled features.
 * ``snnet``: SN-Net's fixed configuration: nearest-size model pairs only; for equal depths a paired
   sliding window of size 2, stride 1 over blocks (|i - j| <= 1 in block indices); for unequal
-  depths an interpolated mapping j = round(i · n_b / n_a); hierarchical models only within the
-  same stage (grid), which shape compatibility already guarantees.
+  depths an interpolated mapping j = round(i · n_b / n_a); only representations of the same
+  positions (:meth:`~klas.models.Rep.compatible`: hierarchical models within the same stage), as
+  SN-Net has no bridges.
 * ``random``: a seeded uniform draw among in-range candidates, as many as ``klas`` picks.
 
 ``select(..., count=K)`` brings any strategy to exactly K stitches by its own rule, for comparisons
@@ -109,12 +110,17 @@ def _nearest_size_pairs(profiles: Mapping[str, Profile]) -> set[tuple[str, str]]
     return set(zip(order, order[1:])) | {(b, a) for a, b in zip(order, order[1:])}
 
 
+def _snnet_pair(c: Candidate, profiles: Mapping[str, Profile], neighbours: set[tuple[str, str]]) -> bool:
+    """Whether SN-Net would stitch these two models at these cuts at all: neighbours, no bridge."""
+    return (c.src, c.dst) in neighbours and profiles[c.src].reps[c.src_cut].compatible(profiles[c.dst].reps[c.dst_cut])
+
+
 def select_snnet(cands: Sequence[Candidate], profiles: Mapping[str, Profile], in_range: np.ndarray) -> np.ndarray:
     """SN-Net's configuration (see module docstring)."""
     neighbours = _nearest_size_pairs(profiles)
     keep = np.zeros(len(cands), dtype=bool)
     for k, c in enumerate(cands):
-        if (c.src, c.dst) not in neighbours or not in_range[k]:
+        if not _snnet_pair(c, profiles, neighbours) or not in_range[k]:
             continue
         n_a, n_b = profiles[c.src].num_blocks, profiles[c.dst].num_blocks
         i, j = c.src_cut - 1, c.dst_cut - 1  # block indices: a runs 0..i, b resumes after block j
@@ -138,11 +144,11 @@ def select_random(in_range: np.ndarray, count: int, seed: int) -> np.ndarray:
 def snnet_levels(cands: Sequence[Candidate], profiles: Mapping[str, Profile], in_range: np.ndarray) -> np.ndarray:
     """How far SN-Net's window must widen to include each candidate: 0 = SN-Net's own rule
     (:func:`select_snnet`), w = ``|i - j| <= 1 + w`` (equal depths) resp. ``|j - round(i n_b / n_a)| <= w``;
-    -1 = never (not a nearest-size pair, or out of range)."""
+    -1 = never (not a nearest-size pair, bridged, or out of range)."""
     neighbours = _nearest_size_pairs(profiles)
     level = np.full(len(cands), -1, dtype=np.int64)
     for k, c in enumerate(cands):
-        if (c.src, c.dst) not in neighbours or not in_range[k]:
+        if not _snnet_pair(c, profiles, neighbours) or not in_range[k]:
             continue
         n_a, n_b = profiles[c.src].num_blocks, profiles[c.dst].num_blocks
         if n_a == n_b:

@@ -1,9 +1,8 @@
 """Enumerate every binary stitch between k models, with its exact cost.
 
-A candidate ``(a, src_cut) -> (b, dst_cut)`` (see docs/formats.md) needs representation ``src_cut``
-of ``a`` and representation ``dst_cut`` of ``b`` to have the same positions (layout, grid, prefix
-tokens): for plain ViTs every pair of cuts qualifies, for hierarchical models (Swin, ResNet,
-ConvNeXt) only cuts inside stages of the same grid. The source runs at least one block
+A candidate ``(a, src_cut) -> (b, dst_cut)`` (see docs/formats.md) may join any two representations:
+where their positions differ (layout, grid, prefix tokens) the stitch carries a bridge
+(:mod:`klas.stitch.bridge`) and its cost includes it. The source runs at least one block
 (1 <= src_cut <= n_a) and so does the target (0 <= dst_cut <= n_b - 1); a "stitch" that ran only
 b's head would be model a with a retrained classifier, not a stitch.
 
@@ -63,7 +62,7 @@ def anchors(profiles: Mapping[str, Profile]) -> list[Candidate]:
 def enumerate_stitches(
     profiles: Mapping[str, Profile], direction: str = "up", layer: str = "linear"
 ) -> list[Candidate]:
-    """Every shape-compatible binary stitch over the model pairs of ``direction``."""
+    """Every binary stitch over the model pairs of ``direction`` (bridged where positions differ)."""
     if len(profiles) < 2:
         raise KlasError(f"stitching needs at least two models, the cache has {len(profiles)}; cache more --model")
     out = []
@@ -71,8 +70,6 @@ def enumerate_stitches(
         pa, pb = profiles[a], profiles[b]
         for src_cut in range(1, pa.num_blocks + 1):
             for dst_cut in range(0, pb.num_blocks):
-                if not pa.reps[src_cut].compatible(pb.reps[dst_cut]):
-                    continue
                 out.append(Candidate(
                     a, src_cut, b, dst_cut,
                     stitch_macs(pa, src_cut, pb, dst_cut, layer),

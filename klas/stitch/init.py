@@ -23,11 +23,12 @@ their frozen weight, with a zero update (SN-Netv2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
+from klas.stitch.bridge import BridgedStitch
 from klas.stitch.layers import LinearStitch, LoRAStitch, MLPStitch
 from klas.stitch.network import StitchNet
 
@@ -74,6 +75,25 @@ def solve_ridge(gram: Tensor, cross: Tensor, ridge: float = DEFAULT_RIDGE) -> tu
     return sol[:d].T.contiguous(), sol[d].contiguous()
 
 
+def _views(net: StitchNet, s) -> tuple[tuple, tuple, Callable[[dict], Tensor], Callable[[dict], Tensor]]:
+    """Keys and row extractors ``(x_key, y_key, x_of(reps), y_of(reps))`` of one stitch's fit.
+
+    Plain stitches fit representation against representation, position by position; bridged ones
+    fit the bridge's source rows against the target's rows (:class:`~klas.stitch.bridge.Bridge`), so
+    the key of ``X`` also names the target grid and class row the rows were made for.
+    """
+    src_key, dst_key = (s.src, s.src_cut), (s.dst, s.dst_cut)
+    layer = net.stitch_layer(s.id)
+    if isinstance(layer, BridgedStitch):
+        b = layer.bridge
+        return ((*src_key, b.dst.grid, b.dst_cls), (*dst_key, "rows", b.dst_cls),
+                lambda reps: b.rows(reps[src_key]).reshape(-1, b.src.width).double(),
+                lambda reps: b.target_rows(reps[dst_key]).reshape(-1, b.dst.width).double())
+    lay_a, lay_b = net.profiles[s.src].reps[s.src_cut].layout, net.profiles[s.dst].reps[s.dst_cut].layout
+    return (src_key, dst_key, lambda reps: flatten_positions(reps[src_key], lay_a).double(),
+            lambda reps: flatten_positions(reps[dst_key], lay_b).double())
+
+
 @torch.no_grad()
 def least_squares_init(
     net: StitchNet,
@@ -84,47 +104,49 @@ def least_squares_init(
     """Fit every listed stitch layer (default: all) on the images in ``batches``, in one pass.
 
     ``batches`` yields image tensors already on the net's device. Returns a :class:`FitReport` per
-    stitch. Anchor weights are not changed.
+    stitch. Anchor weights are not changed. A bridged stitch is fitted on the bridged source rows,
+    and its learned prefix tokens are set to the target's mean values there.
     """
     ids = list(net.stitch_ids if ids is None else ids)
     specs = [net.specs[i] for i in ids]
+    views = {s.id: _views(net, s) for s in specs}
     needs: dict[str, set[int]] = {}
     for s in specs:
         needs.setdefault(s.src, set()).add(s.src_cut)
         needs.setdefault(s.dst, set()).add(s.dst_cut)
-    grams: dict[tuple[str, int], Tensor] = {}
+    grams: dict[tuple, Tensor] = {}
     crosses: dict[str, Tensor] = {}
-    y_sq: dict[tuple[str, int], Tensor] = {}  # sum of squares and per-channel sums of each target
-    y_sum: dict[tuple[str, int], Tensor] = {}
-    count: dict[tuple[str, int], int] = {}
+    y_sq: dict[tuple, Tensor] = {}  # sum of squares and per-channel sums of each target
+    y_sum: dict[tuple, Tensor] = {}
+    count: dict[tuple, int] = {}
+    extra_sum: dict[str, Tensor] = {}
+    images = 0
     was_training = net.training
     net.eval()
     for x in batches:
         reps = net.representations(x, needs)
-        flat: dict[tuple[str, int], Tensor] = {}
-
-        def get(key: tuple[str, int]) -> Tensor:
-            if key not in flat:
-                flat[key] = flatten_positions(reps[key], net.profiles[key[0]].reps[key[1]].layout).double()
-            return flat[key]
-
+        flat: dict[tuple, Tensor] = {}
         for s in specs:
-            src_key, dst_key = (s.src, s.src_cut), (s.dst, s.dst_cut)
-            xs = get(src_key)
-            if src_key not in grams:
-                grams[src_key] = torch.zeros(xs.shape[1] + 1, xs.shape[1] + 1, dtype=torch.float64, device=xs.device)
-                count[src_key] = 0
-            ys = get(dst_key)
+            xk, yk, x_of, y_of = views[s.id]
+            xs = flat[xk] = flat[xk] if xk in flat else x_of(reps)
+            ys = flat[yk] = flat[yk] if yk in flat else y_of(reps)
+            if xk not in grams:
+                grams[xk] = torch.zeros(xs.shape[1] + 1, xs.shape[1] + 1, dtype=torch.float64, device=xs.device)
+                count[xk] = 0
             if ys.shape[0] != xs.shape[0]:
                 raise RuntimeError(f"stitch {s.id}: {xs.shape[0]} source positions vs {ys.shape[0]} target positions")
             if s.id not in crosses:
                 crosses[s.id] = torch.zeros(xs.shape[1] + 1, ys.shape[1], dtype=torch.float64, device=xs.device)
             crosses[s.id][:-1] += xs.T @ ys
             crosses[s.id][-1] += ys.sum(0)
-            if dst_key not in y_sq:
-                y_sq[dst_key] = torch.zeros((), dtype=torch.float64, device=ys.device)
-                y_sum[dst_key] = torch.zeros(ys.shape[1], dtype=torch.float64, device=ys.device)
-        for key in {(s.src, s.src_cut) for s in specs}:
+            if yk not in y_sq:
+                y_sq[yk] = torch.zeros((), dtype=torch.float64, device=ys.device)
+                y_sum[yk] = torch.zeros(ys.shape[1], dtype=torch.float64, device=ys.device)
+            layer = net.stitch_layer(s.id)
+            extra = layer.bridge.target_extra(reps[(s.dst, s.dst_cut)]) if isinstance(layer, BridgedStitch) else None
+            if extra is not None:
+                extra_sum[s.id] = extra_sum.get(s.id, 0) + extra.double().sum(0)
+        for key in {views[s.id][0] for s in specs}:
             xs = flat[key]
             g = grams[key]
             g[:-1, :-1] += xs.T @ xs
@@ -133,32 +155,40 @@ def least_squares_init(
             g[-1, :-1] += colsum
             g[-1, -1] += xs.shape[0]
             count[key] += xs.shape[0]
-        for key in {(s.dst, s.dst_cut) for s in specs}:
+        for key in {views[s.id][1] for s in specs}:
             ys = flat[key]
             y_sq[key] += (ys * ys).sum()
             y_sum[key] += ys.sum(0)
+        images += x.shape[0]
     net.train(was_training)
+    if not grams:
+        raise ValueError("least_squares_init got no images")
+    return {s.id: _solve_one(net, s, views[s.id], grams, crosses, y_sq, y_sum, count, extra_sum.get(s.id), images, ridge)
+            for s in specs}
 
-    reports: dict[str, FitReport] = {}
-    for s in specs:
-        src_key, dst_key = (s.src, s.src_cut), (s.dst, s.dst_cut)
-        if src_key not in grams:
-            raise ValueError("least_squares_init got no images")
-        g, c, n = grams[src_key], crosses[s.id], count[src_key]
-        w, b = solve_ridge(g, c, ridge)
-        sol = torch.cat([w.T, b[None]], 0)  # (D+1, E)
-        # residual sum of squares from the sums: ||Y||^2 - 2 tr(S^T C) + tr(S^T G S)
-        fitted_sq = torch.einsum("ie,ij,je->e", sol, g, sol)  # per channel sum of (Xa s_e)^2
-        rss = y_sq[dst_key] - 2 * (sol * c).sum() + fitted_sq.sum()
-        tss = y_sq[dst_key] - (y_sum[dst_key] ** 2).sum() / n
-        reports[s.id] = FitReport(samples=n, r2=float(1 - rss / tss) if tss > 0 else float("nan"))
-        layer = net.stitch_layer(s.id)
-        dtype = next(layer.parameters()).dtype
-        if isinstance(layer, (LinearStitch, LoRAStitch)):
-            layer.set_affine(w.to(dtype), b.to(dtype))
-        elif isinstance(layer, MLPStitch):
-            shift = MLP_SHIFT_RMS * (fitted_sq / n).clamp_min(0).sqrt()
-            layer.set_affine(w.to(dtype), b.to(dtype), shift.to(dtype))
-        else:  # pragma: no cover - make_stitch_layer only builds these kinds
-            raise TypeError(f"cannot least-squares-initialise {type(layer).__name__}")
-    return reports
+
+def _solve_one(net, s, view, grams, crosses, y_sq, y_sum, count, extra_sum, images, ridge) -> FitReport:
+    """Solve one stitch's system from the accumulated sums and set its layer (and learned tokens)."""
+    xk, yk = view[0], view[1]
+    g, c, n = grams[xk], crosses[s.id], count[xk]
+    w, b = solve_ridge(g, c, ridge)
+    sol = torch.cat([w.T, b[None]], 0)  # (D+1, E)
+    # residual sum of squares from the sums: ||Y||^2 - 2 tr(S^T C) + tr(S^T G S)
+    fitted_sq = torch.einsum("ie,ij,je->e", sol, g, sol)  # per channel sum of (Xa s_e)^2
+    rss = y_sq[yk] - 2 * (sol * c).sum() + fitted_sq.sum()
+    tss = y_sq[yk] - (y_sum[yk] ** 2).sum() / n
+    report = FitReport(samples=n, r2=float(1 - rss / tss) if tss > 0 else float("nan"))
+    layer = net.stitch_layer(s.id)
+    if isinstance(layer, BridgedStitch):
+        if extra_sum is not None:
+            layer.bridge.extra.data.copy_((extra_sum / images).to(layer.bridge.extra.dtype))
+        layer = layer.layer
+    dtype = next(layer.parameters()).dtype
+    if isinstance(layer, (LinearStitch, LoRAStitch)):
+        layer.set_affine(w.to(dtype), b.to(dtype))
+    elif isinstance(layer, MLPStitch):
+        shift = MLP_SHIFT_RMS * (fitted_sq / n).clamp_min(0).sqrt()
+        layer.set_affine(w.to(dtype), b.to(dtype), shift.to(dtype))
+    else:  # pragma: no cover - make_stitch_layer only builds these kinds
+        raise TypeError(f"cannot least-squares-initialise {type(layer).__name__}")
+    return report

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from klas.errors import KlasError
-from klas.models import Adapter, Profile
-from klas.stitch.layers import make_stitch_layer, stitch_layer_macs, stitch_layer_params
+from klas.models import Adapter, Profile, Rep
+from klas.stitch.bridge import make_stitch, stitch_module_macs, stitch_module_params
 
 
 @dataclass(frozen=True)
@@ -76,39 +76,32 @@ def stitch_id(src: str, src_cut: int, dst: str, dst_cut: int) -> str:
 
 
 def check_stitch(profile_a: Profile, src_cut: int, profile_b: Profile, dst_cut: int, what: str = "stitch") -> None:
-    """Raise a KlasError unless the cut points exist and the two representations can be stitched."""
+    """Raise a KlasError unless the cut points exist (any two representations can be stitched:
+    :mod:`klas.stitch.bridge` lines up differing layouts, grids and prefix tokens)."""
     n_a, n_b = profile_a.num_blocks, profile_b.num_blocks
     if not 1 <= src_cut <= n_a:
         raise KlasError(f"{what}: src_cut={src_cut} is outside 1..{n_a} (the source has {n_a} blocks)")
     if not 0 <= dst_cut <= n_b - 1:
         raise KlasError(f"{what}: dst_cut={dst_cut} is outside 0..{n_b - 1} (the target must run at least one block)")
-    ra, rb = profile_a.reps[src_cut], profile_b.reps[dst_cut]
-    if not ra.compatible(rb):
-        raise KlasError(
-            f"{what}: representation shapes do not match (layout/grid/prefix tokens "
-            f"{ra.layout}/{ra.grid}/{ra.num_prefix} vs {rb.layout}/{rb.grid}/{rb.num_prefix}); "
-            f"a per-position stitch layer needs the same positions on both sides"
-        )
 
 
 def stitch_macs(profile_a: Profile, src_cut: int, profile_b: Profile, dst_cut: int, layer_kind: str = "linear") -> int:
     """MACs of one image through ``a[0..src_cut-1] -> stitch layer -> b[dst_cut..] + head``.
 
     = ``profile_a.prefix_macs(src_cut)`` (stem + blocks ``0..src_cut-1``)
-    + the stitch layer at every position of representation ``src_cut``
+    + the stitch layer at every position of representation ``src_cut`` (bridged: at every position of
+      representation ``dst_cut`` that it maps, the bridge's resampling counted as zero)
     + ``profile_b.suffix_macs(dst_cut)`` (blocks ``dst_cut..n_b-1`` + head).
     """
     check_stitch(profile_a, src_cut, profile_b, dst_cut)
-    ra, rb = profile_a.reps[src_cut], profile_b.reps[dst_cut]
-    layer = stitch_layer_macs(layer_kind, ra.width, rb.width, ra.tokens)
+    layer = stitch_module_macs(layer_kind, profile_a.reps[src_cut], profile_b.reps[dst_cut])
     return int(profile_a.prefix_macs(src_cut) + layer + profile_b.suffix_macs(dst_cut))
 
 
 def stitch_params(profile_a: Profile, src_cut: int, profile_b: Profile, dst_cut: int, layer_kind: str = "linear") -> int:
     """Parameters the stitched network runs: a's stem + blocks ``0..src_cut-1``, the layer, b's rest + head."""
     check_stitch(profile_a, src_cut, profile_b, dst_cut)
-    ra, rb = profile_a.reps[src_cut], profile_b.reps[dst_cut]
-    layer = stitch_layer_params(layer_kind, ra.width, rb.width)
+    layer = stitch_module_params(layer_kind, profile_a.reps[src_cut], profile_b.reps[dst_cut])
     return int(profile_a.prefix_params(src_cut) + layer + profile_b.suffix_params(dst_cut))
 
 
@@ -118,14 +111,20 @@ def direct_stitch_macs(src: Adapter, src_cut: int, dst: Adapter, dst_cut: int, i
     (:func:`klas.models.count_macs`); the cross-check for :func:`stitch_macs`."""
     from klas.models import count_macs
 
-    h = src.run_blocks(src.stem(torch.zeros(1, *input_size, device=_device_of(src))), 0, src_cut)
-    width_in = src.shape_of(h)[0]
-    width_out = dst.shape_of(dst.run_blocks(dst.stem(torch.zeros(1, *input_size, device=_device_of(dst))), 0, dst_cut))[0]
-    layer = make_stitch_layer(layer_kind, width_in, width_out, src.layout).to(_device_of(src))
+    with torch.no_grad():
+        ra = rep_of(src, src.run_blocks(src.stem(torch.zeros(1, *input_size, device=_device_of(src))), 0, src_cut))
+        rb = rep_of(dst, dst.run_blocks(dst.stem(torch.zeros(1, *input_size, device=_device_of(dst))), 0, dst_cut))
+    layer = make_stitch(layer_kind, ra, rb).to(_device_of(src))
     model = StitchedModel(src, src_cut, layer, dst, dst_cut)
     with torch.no_grad():
         macs, _ = count_macs(model, torch.zeros(1, *input_size, device=_device_of(src)))
     return int(macs)
+
+
+def rep_of(adapter: Adapter, h: Tensor, index: int = 0) -> Rep:
+    """The :class:`Rep` (shape only; no costs) of representation tensor ``h`` of ``adapter``."""
+    width, grid, prefix = adapter.shape_of(h)
+    return Rep(index, adapter.layout, int(width), tuple(map(int, grid)), int(prefix), 0, 0, bool(adapter.class_token))
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -241,9 +240,8 @@ class StitchNet(nn.Module):
                     raise KlasError(f"stitch {spec.id}: {role} model {name!r} is not among the anchors {list(self._anchor_keys)}")
             pa, pb = self.profiles[spec.src], self.profiles[spec.dst]
             check_stitch(pa, spec.src_cut, pb, spec.dst_cut, what=f"stitch {spec.id}")
-            ra, rb = pa.reps[spec.src_cut], pb.reps[spec.dst_cut]
             key = f"s{len(self.specs)}"  # ids may hold any character; the ModuleDict key is positional
-            self.stitch_layers[key] = make_stitch_layer(kind, ra.width, rb.width, ra.layout)
+            self.stitch_layers[key] = make_stitch(kind, pa.reps[spec.src_cut], pb.reps[spec.dst_cut])
             self._stitch_keys[spec.id] = key
             self.specs[spec.id] = spec
         self.train(False)

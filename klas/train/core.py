@@ -98,8 +98,10 @@ def teacher_targets(net: StitchNet, data: SplitData, names: Sequence[str], weigh
 def make_optimizer(net: StitchNet, lr: float, weight_decay: float, *, full_tune: bool = False,
                    anchor_lr_scale: float = 0.1) -> torch.optim.AdamW:
     """AdamW over the stitch layers (and, with ``full_tune``, the anchors at ``anchor_lr_scale`` x ``lr``,
-    their parameters switched to trainable); decay on matrices only (:func:`klas.optim.param_groups`)."""
-    groups = param_groups(net.stitch_layers, lr, weight_decay, name="stitch")
+    their parameters switched to trainable); decay on matrices only (:func:`klas.optim.param_groups`),
+    not on a bridge's learned prefix tokens (like timm's cls/register tokens)."""
+    tokens = {n for n, _ in net.stitch_layers.named_parameters() if n.endswith("bridge.extra")}
+    groups = param_groups(net.stitch_layers, lr, weight_decay, skip=tokens, name="stitch")
     if full_tune:
         for p in net.anchors.parameters():
             p.requires_grad_(True)
