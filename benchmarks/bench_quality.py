@@ -159,8 +159,8 @@ def plot(report: dict, path: Path) -> None:
                      fontsize=9.5)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=6.8, framealpha=0.92)
-    fig.suptitle("Selected stitches after joint fine-tuning (equal K and steps) over the ground truth; a strategy's "
-                 "full front = the upper envelope of its line and the anchors' staircase\n"
+    fig.suptitle("Selected stitches after joint fine-tuning (equal K and steps) over the ground truth;\n"
+                 "a strategy's full front = the upper envelope of its line and the anchors' staircase;\n"
                  "dotted: budgets b1-b3; dash-dot: HV reference accuracy (cheapest anchor)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
