@@ -195,6 +195,15 @@ def test_least_squares_init_all_stitches_in_one_pass_matches_lstsq(pair, ridge):
         assert reports[sid].r2 == pytest.approx(r2, abs=1e-6)
 
 
+
+def _assert_same_maps(net, ref, images, tol):
+    """Every stitch layer of ``net`` maps its source representation as ``ref``'s layer does."""
+    with torch.no_grad():
+        for sid in net.stitch_ids:
+            s = net.specs[sid]
+            h = net.representations(images, {s.src: [s.src_cut]})[(s.src, s.src_cut)]
+            torch.testing.assert_close(net.stitch_layer(sid)(h), ref.stitch_layer(sid)(h), rtol=tol, atol=tol)
+
 def test_least_squares_init_nchw_and_mlp():
     a = tiny("resnet18", 0, size=64, num_classes=10)
     b = tiny("resnet18", 1, size=64, num_classes=10)
@@ -217,18 +226,10 @@ def test_least_squares_init_nchw_and_mlp():
     # the MLP stitch starts as the same affine map on the probe data (shift keeps the ReLU open)
     mlp = StitchNet.from_loaded([a, b], specs, kind="mlp")
     least_squares_init(mlp, [images], ridge=DEFAULT_RIDGE)
-    with torch.no_grad():
-        for sid in mlp.stitch_ids:
-            s = mlp.specs[sid]
-            h = mlp.representations(images, {s.src: [s.src_cut]})[(s.src, s.src_cut)]
-            torch.testing.assert_close(mlp.stitch_layer(sid)(h), lin.stitch_layer(sid)(h), rtol=1e-3, atol=1e-3)
+    _assert_same_maps(mlp, lin, images, tol=1e-3)
     # the LoRA stitch starts at the same fit, frozen, with a zero update; only the update and bias train
     lora = StitchNet.from_loaded([a, b], specs, kind="lora")
     least_squares_init(lora, [images], ridge=DEFAULT_RIDGE)
-    with torch.no_grad():
-        for sid in lora.stitch_ids:
-            s = lora.specs[sid]
-            h = lora.representations(images, {s.src: [s.src_cut]})[(s.src, s.src_cut)]
-            torch.testing.assert_close(lora.stitch_layer(sid)(h), lin.stitch_layer(sid)(h), rtol=1e-5, atol=1e-5)
+    _assert_same_maps(lora, lin, images, tol=1e-5)
     layer = lora.stitch_layer(lora.stitch_ids[0])
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"proj.bias", "down.weight", "up.weight"}
