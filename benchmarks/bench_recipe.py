@@ -131,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_VARIANTS)} with a few steps (a smoke test)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/recipe[.quick].json)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 helps on a shared CPU)")
+    ap.add_argument("--add", action="store_true",
+                    help="keep the variants already in --out (same run and base) and add/replace the ones given")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "original_anchors": refs}
     console = Console()
     out = args.out or RESULTS / ("recipe.quick.json" if args.quick else "recipe.json")
+    if args.add:
+        report["variants"] = earlier_variants(out, report)
     for name in names:
         what, overrides = VARIANTS[name]
         over = {k: v for k, v in overrides.items() if not (args.quick and k == "epochs")}
@@ -154,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows = res["rows"]
         cheapest = min((r for r in rows if r["kind"] == "anchor"), key=lambda r: r["gflops"])["id"]
         report["stitches"] = sum(r["kind"] == "stitch" for r in rows)
-        report["variants"][name] = {"what": what, "overrides": over, "seconds": res["seconds"],
+        report["variants"][name] = {"what": what, "overrides": over, "seconds": res["seconds"], "command": _command(argv),
                                     **{s: split_metrics(rows, res[s], refs[s][cheapest]) for s in ("score", "eval")}}
         console.print(f"{name}: score HV {report['variants'][name]['score']['hypervolume']:.3f}, "
                       f"eval front stitches {report['variants'][name]['eval']['front_stitches']} [{res['seconds']:.0f} s]")
@@ -164,12 +168,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def _command(argv) -> str:
+    return "python benchmarks/bench_recipe.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+
+def earlier_variants(out: Path, report: dict) -> dict:
+    """The variants of an earlier study in ``out``, if it trained the same run from the same base."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    if old.get("run") != report["run"] or old.get("base") != report["base"]:
+        sys.exit(f"error: {out} holds a study of another run or base recipe; drop --add or choose another --out")
+    for split, acc in report["original_anchors"].items():
+        if any(abs(acc[k] - v) > 1e-9 for k, v in old["original_anchors"].get(split, {}).items()):
+            sys.exit(f"error: the anchors of {report['run']} changed since {out} was written; drop --add to start over")
+    return old["variants"]
+
+
 def _finish(report: dict, argv, t0: float, out: Path, complete: bool) -> None:
     """Winner so far, time, command and machine; written to ``out``."""
     report["winner"] = max(report["variants"], key=lambda n: report["variants"][n]["score"]["hypervolume"])
     report["complete"] = complete
     report["seconds"] = time.perf_counter() - t0
-    report["command"] = "python benchmarks/bench_recipe.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report["command"] = _command(argv)
     report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "versions": package_versions()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,11 @@ def test_bench_recipe_quick(fake, tmp_path):
             assert 0 <= m["mean_stitch"] <= 1 and 0 <= m["front_stitches"] <= 4 and len(m["anchors"]) == 2
             assert 0 <= m["hypervolume"] <= 1
     assert saved["variants"]["base"]["overrides"] == {} and saved["command"].startswith("python benchmarks/bench_recipe.py")
+    # --add keeps the earlier variants (same run, same base) and adds the new one
+    before = saved["variants"]
+    main(["--run", str(run), "--quick", "--work", str(tmp_path / "work"), "--out", str(out), "--add",
+          "--variants", "lr-3e-3"])
+    added = json.loads(out.read_text())
+    assert set(added["variants"]) == {"frozen", "base", "ce+distill", "lr-3e-3"}
+    assert all(added["variants"][k] == before[k] for k in before)
+    assert added["variants"]["lr-3e-3"]["overrides"] == {"lr": 3e-3}
