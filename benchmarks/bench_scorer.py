@@ -25,7 +25,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from klas.score import kl_matrix, kl_matrix_naive  # noqa: E402
-from klas.utils import machine_info, resolve_device, write_json_atomic  # noqa: E402
+from klas.utils import machine_info, peak_rss, resolve_device, write_json_atomic  # noqa: E402
 
 CONFIGS = [(3, 12), (6, 24)]  # (k models, n blocks): P = k * (n + 1) = 39 and 150
 NUM_CLASSES = 1000
@@ -131,13 +130,6 @@ def measure_memory(num_probes: int, total: int, num_classes: int, rows: int, dev
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _memory_probe(args: list) -> None:
     """Child process body for measure_memory: print one JSON line."""
     num_probes, total, num_classes, rows, device = args
@@ -151,35 +143,10 @@ def _memory_probe(args: list) -> None:
         peak = torch.cuda.max_memory_allocated(dev) - before
         how = "torch.cuda.max_memory_allocated minus allocated before the call"
     else:
-        before = _status_kb("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            kl_matrix(stream(chunk, total), device=dev)
-            peak = (_status_kb("VmHWM") - before) * 1024
-            how = "VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the call"
-        except OSError:
-            peak = _sampled_peak(lambda: kl_matrix(stream(chunk, total), device=dev)) - before * 1024
-            how = "VmRSS sampled every 1 ms, max minus VmRSS before the call"
+        peak, before, how = peak_rss(lambda: kl_matrix(stream(chunk, total), device=dev))
+        peak -= before
+        how += " minus VmRSS before the call"
     print(json.dumps({"peak_bytes": int(peak), "method": how}))
-
-
-def _sampled_peak(fn: Callable[[], object]) -> int:
-    """Fallback when VmHWM cannot be reset: poll VmRSS from a thread while ``fn`` runs."""
-    peak, stop = [0], threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _status_kb("VmRSS") * 1024)
-            time.sleep(0.001)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        th.join()
-    return peak[0]
 
 
 def run_config(k: int, n: int, total: int, mem_totals: tuple[int, int], subset: int, repeats: int, dev: torch.device) -> dict:

@@ -89,8 +89,7 @@ def _child(spec: dict) -> None:
     import torch
 
     from klas.probes import train_probes  # before bench_scorer, which puts this repository first on sys.path
-    from klas.utils import resolve_device
-    from bench_scorer import _sampled_peak, _status_kb  # noqa: E402
+    from klas.utils import peak_rss, resolve_device
 
     assert Path(sys.modules["klas"].__file__).resolve().is_relative_to(Path(spec["src"]).resolve())
     dev = resolve_device(spec["device"])
@@ -110,15 +109,8 @@ def _child(spec: dict) -> None:
         except _Stop:
             pass
 
-    before = _status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        run()
-        peak, how = _status_kb("VmHWM") * 1024, "VmHWM (reset via /proc/self/clear_refs before the call)"
-    except OSError:
-        t0 = time.perf_counter()
-        peak, how = _sampled_peak(run), "VmRSS sampled every 1 ms"
+    peak, before, how = peak_rss(run)
     wall = time.perf_counter() - t0
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     step_s = statistics.median(steps) if steps else float("nan")

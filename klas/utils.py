@@ -9,7 +9,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -125,3 +125,47 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes (Linux only)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KlasError(f"{field} is not in /proc/self/status; peak memory is measured on Linux only")
+
+
+def peak_rss(fn: Callable[[], object]) -> tuple[int, int, str]:
+    """Run ``fn``; return (peak resident bytes during the call, resident bytes before it, how measured).
+
+    The kernel's high-water mark ``VmHWM`` is reset to the current RSS through ``/proc/self/clear_refs``;
+    where that is not allowed, ``VmRSS`` is polled every millisecond from a thread instead.
+    """
+    before = _status_bytes("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    except OSError:
+        return _sampled_peak(fn), before, "VmRSS sampled every 1 ms"
+    fn()
+    return _status_bytes("VmHWM"), before, "VmHWM (reset via /proc/self/clear_refs before the call)"
+
+
+def _sampled_peak(fn: Callable[[], object]) -> int:
+    import threading
+    import time
+
+    peak, stop = [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status_bytes("VmRSS"))
+            time.sleep(0.001)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        th.join()
+    return peak[0]
