@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 from klas.errors import KlasError  # noqa: E402
 from klas.export import export_pareto, load_stitched, pareto_front  # noqa: E402
+from klas.stitch.layers import lora_rank  # noqa: E402
 from klas.stitch.network import StitchNet, StitchSpec, stitch_id, stitch_params  # noqa: E402
 from klas.train import read_results, train_run  # noqa: E402
 from klas.train.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
@@ -188,6 +189,15 @@ def test_export_full_tuned_run_is_exactly_the_evaluated_network(fake, tmp_path, 
             torch.testing.assert_close(model(x), net(x, rid), rtol=0, atol=0)
             correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb, _ in eval_data.batches(range(eval_data.n), 64, torch.device("cpu")))
         assert correct / eval_data.n == evaluated[rid], rid
+    if opts.get("layer") == "lora":  # the rank is recorded; an artifact of another rank is refused, not mis-built
+        rid, rel = next((r, p) for r, p in res.models.items() if "->" in r)
+        cfg_path = res.out_dir / rel / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        assert cfg["stitch"]["rank"] == lora_rank(cfg["stitch"]["in_width"], cfg["stitch"]["out_width"])
+        cfg["stitch"]["rank"] += 1
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(KlasError, match="LoRA stitch of rank"):
+            load_stitched(res.out_dir / rel)
     # and the tuned anchors differ from the cached originals
     original = {m.name: m.adapter for m in fake.load_models()}
     with torch.no_grad():

@@ -19,7 +19,7 @@ from klas.errors import KlasError
 from klas.fs import atomic_path, write_json_atomic
 from klas.models import Adapter, Rep, adapt
 from klas.stitch.bridge import BridgedStitch
-from klas.stitch.layers import make_stitch_layer
+from klas.stitch.layers import lora_rank, make_stitch_layer
 from klas.stitch.network import AnchorModel, StitchedModel
 
 FORMAT = "klas.stitched/1"
@@ -63,11 +63,23 @@ def _model_entry(arch: str, adapter: Adapter, cut: int | None) -> dict[str, Any]
 
 def _stitch_entry(layer: nn.Module) -> dict[str, Any]:
     """``config.json``'s ``stitch``: the layer's kind and widths, plus a bridged stitch's two representations."""
+    inner = layer.layer if isinstance(layer, BridgedStitch) else layer
+    entry = {"kind": layer.kind, "in_width": layer.in_width, "out_width": layer.out_width,
+             **({"rank": inner.rank} if layer.kind == "lora" else {})}
     if isinstance(layer, BridgedStitch):
         b = layer.bridge
-        return {"kind": layer.kind, "in_width": layer.in_width, "out_width": layer.out_width, "layout": "tokens",
-                "bridge": {"src": b.src.to_json(), "dst": b.dst.to_json()}}
-    return {"kind": layer.kind, "in_width": layer.in_width, "out_width": layer.out_width, "layout": layer.layout}
+        return {**entry, "layout": "tokens", "bridge": {"src": b.src.to_json(), "dst": b.dst.to_json()}}
+    return {**entry, "layout": layer.layout}
+
+
+def _stitch_layer(s: dict[str, Any], where: Path) -> nn.Module:
+    """The stitch layer ``config.json``'s ``stitch`` describes (weights not loaded yet)."""
+    if s["kind"] == "lora" and s.get("rank") != lora_rank(s["in_width"], s["out_width"]):
+        raise KlasError(f"{where} holds a LoRA stitch of rank {s.get('rank')}, this klas builds rank "
+                        f"{lora_rank(s['in_width'], s['out_width'])}; export it again with this klas version")
+    if "bridge" in s:
+        return BridgedStitch(s["kind"], Rep.from_json(s["bridge"]["src"]), Rep.from_json(s["bridge"]["dst"]))
+    return make_stitch_layer(s["kind"], s["in_width"], s["out_width"], s["layout"])
 
 
 def save_stitched(model: nn.Module, out_dir: Path, *, src_arch: str, dst_arch: str | None = None,
@@ -161,11 +173,7 @@ def load_stitched(path: Path | str, device: str | torch.device = "cpu") -> nn.Mo
         model: nn.Module = AnchorModel(src)
     else:
         dst = _build(config["dst"])
-        s = config["stitch"]
-        if "bridge" in s:
-            layer = BridgedStitch(s["kind"], Rep.from_json(s["bridge"]["src"]), Rep.from_json(s["bridge"]["dst"]))
-        else:
-            layer = make_stitch_layer(s["kind"], s["in_width"], s["out_width"], s["layout"])
+        layer = _stitch_layer(config["stitch"], path)
         layer.load_state_dict(parts["stitch"])
         _load_part(src, parts["src"], "src", config["src"]["cut"], path)
         _load_part(dst, parts["dst"], "dst", config["dst"]["cut"], path)
