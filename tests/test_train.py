@@ -224,7 +224,7 @@ def _states_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("opts", [
     dict(loss="ce", full_tune=False),
     dict(loss="ce=1,distill=0.5,ffm=0.5", sampling="bucket", full_tune=True),
-    dict(loss="ce=1,distill=1", teacher="largest", ffm_epochs=1, full_tune=True, layer="lora"),
+    dict(loss="ce=1,distill=1", teacher="largest", first_epochs=1, full_tune=True, layer="lora"),
 ], ids=["frozen-ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora"])
 def test_resume_continues_exactly(fake, tmp_path, opts):
     write_selection(tmp_path / "straight", fake)
@@ -413,14 +413,19 @@ def test_train_config_validates_once_and_names_the_flag():
                         (dict(full_tune="yes"), "--full-tune"), (dict(teacher="biggest"), "--teacher"),
                         (dict(anchor_routes=True, full_tune=False), "--anchor-routes .* needs --full-tune"),
                         (dict(anchor_routes="yes", full_tune=True), "--anchor-routes"),
-                        (dict(ffm_epochs=5, epochs=5), r"--ffm-epochs \(5\) must be below --epochs \(5\)"),
-                        (dict(ffm_epochs=-1), "--ffm-epochs"), (dict(layer="conv"), "--layer")):
+                        (dict(first_epochs=5, epochs=5), r"--first-epochs \(5\) must be below --epochs \(5\)"),
+                        (dict(first_epochs=-1), "--first-epochs"), (dict(layer="conv"), "--layer"),
+                        (dict(first_loss="xent"), r"unknown loss 'xent' in --first-loss"),
+                        (dict(first_loss="lfm=0"), "--first-loss 'lfm=0' has no positive weight"),
+                        (dict(loss="lfm=-1"), "loss weight for lfm must be a non-negative")):
         with pytest.raises(KlasError, match=msg):
             TrainConfig(**kwargs)
     with pytest.raises(KlasError, match="unknown training option"):
         TrainConfig().with_overrides(epoch=3)
-    cfg = TrainConfig(loss="ffm=0.5+ce").resolved(steps_per_epoch=7, layer="linear")
-    assert cfg.loss == "ce=1,ffm=0.5" and cfg.steps_per_epoch == 7
+    cfg = TrainConfig(loss="ffm=0.5+ce", first_loss="lfm+ffm=2", first_epochs=1).resolved(steps_per_epoch=7, layer="linear")
+    assert cfg.loss == "ce=1,ffm=0.5" and cfg.first_loss == "ffm=2,lfm=1" and cfg.steps_per_epoch == 7
+    assert cfg.loss_weights_at(1) == {"lfm": 1.0, "ffm": 2.0} and cfg.loss_weights_at(2) == {"ce": 1.0, "ffm": 0.5}
+    assert {"first_loss", "first_epochs"} <= set(cfg.recipe())
     assert list(cfg.recipe()) == list(TrainConfig.recipe_keys())
     assert "resume" not in cfg.recipe() and "device" not in cfg.recipe()
 
