@@ -225,7 +225,8 @@ def _states_equal(a: dict, b: dict) -> None:
     dict(loss="ce", full_tune=False),
     dict(loss="ce=1,distill=0.5,ffm=0.5", sampling="bucket", full_tune=True),
     dict(loss="ce=1,distill=1", teacher="largest", first_epochs=1, full_tune=True, layer="lora"),
-], ids=["frozen-ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora"])
+    dict(loss="ce=1,lfm=1", first_loss="lfm", first_epochs=1, full_tune=True, layer="mlp"),
+], ids=["frozen-ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora", "two-stage-lfm-mlp"])
 def test_resume_continues_exactly(fake, tmp_path, opts):
     write_selection(tmp_path / "straight", fake)
     write_selection(tmp_path / "split", fake)
@@ -293,8 +294,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(fake, tmp_path):
 
 
 def test_distillation_and_feature_matching_do_not_read_labels(fake, tmp_path):
-    """distill / ffm learn from the target model's own outputs: scrambling the train labels changes nothing."""
-    opts = dict(FAST, loss="distill=1,ffm=0.5", epochs=1)
+    """distill / ffm / lfm learn from the target model's own outputs: scrambling the train labels changes nothing."""
+    opts = dict(FAST, loss="distill=1,ffm=0.5,lfm=1", epochs=1)
     write_selection(tmp_path / "a", fake)
     train_run(tmp_path / "a", console=quiet(), **opts)
     scrambled = FakeCache(tmp_path / "cache2", permute_train_labels=True)
@@ -468,6 +469,31 @@ def test_anchor_routes_are_sampled_with_full_tune(fake, tmp_path, monkeypatch):
         res = train_run(tmp_path / name, console=quiet(), steps_per_epoch=40, **{**FAST, **opts})
         assert set(seen) & set(MODELS) == (set(MODELS) if name == "full" else set()), name
         assert res.config["anchor_routes"] is (name == "full")
+
+
+def test_lfm_stage_trains_stitches_only_then_the_loss_samples_anchors(fake, tmp_path, monkeypatch):
+    """An lfm-only first stage gives anchors no term, so its steps sample only stitches; the second
+    stage (ce) samples the anchors as routes again; lfm moves the stitch layers."""
+    import klas.train.loop as loop
+
+    seen: dict[int, list] = {}
+    real_fit = loop.fit
+
+    def recording_fit(net, data, sequence, objective, *args, **kwargs):
+        seen[len(seen) + 1] = (list(sequence), dict(objective.weights))
+        return real_fit(net, data, sequence, objective, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", recording_fit)
+    write_selection(tmp_path / "r", fake)
+    res = train_run(tmp_path / "r", console=quiet(), steps_per_epoch=30,
+                    **{**FAST, "full_tune": True, "first_loss": "lfm", "first_epochs": 1})
+    assert res.config["first_loss"] == "lfm=1" and res.config["first_epochs"] == 1
+    (seq1, w1), (seq2, w2) = seen[1], seen[2]
+    assert w1 == {"lfm": 1.0} and w2 == {"ce": 1.0}
+    assert not set(seq1) & set(MODELS) and set(seq2) & set(MODELS)
+    assert res.history[0]["loss"] > 0
+    rows = {r["id"]: r for r in res.rows}
+    assert any(rows[stitch_id(*p)]["acc_after"] != rows[stitch_id(*p)]["acc_before"] for p in PAIRS)
 
 
 def test_distillation_from_the_largest_anchor():
