@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--layer", help="stitch layer: mlp (default, Mai et al.), linear or lora")
     ap.add_argument("--steps", type=int, help="training steps per loss (default 150)")
     ap.add_argument("--batch-size", type=int, help="training batch (default 32)")
-    ap.add_argument("--lrs", help="learning rates to choose from on the score split, e.g. 1e-3,3e-3 (default 3e-3)")
+    ap.add_argument("--lrs", help="learning rates to choose from on the score split, e.g. 1e-4,3e-4,1e-3 (default 3e-4)")
     ap.add_argument("--limit", type=int, help="images per split (default: all of digits)")
     ap.add_argument("--score-limit", type=int, help="score images for choosing the lr (default 1000)")
     ap.add_argument("--no-self", action="store_true", help="skip the self-stitch controls")
