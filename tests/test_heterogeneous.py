@@ -8,6 +8,8 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
+from rich.console import Console
 
 from klas.errors import KlasError
 from klas.heterogeneous import DEPTHS, HeteroConfig, _stages, cell, cut_at, run_protocol
@@ -33,10 +35,22 @@ def test_config_is_validated_and_stages_split_the_steps():
     assert [cut_at(16, f) for f in DEPTHS.values()] == [3, 8, 13]
 
 
-def test_protocol_on_a_tiny_quick_config(tmp_path):
-    cache = build_family_cache(MODELS, tmp_path / "cache", QUICK, tmp_path, keep=False)
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory):
+    """A real cache of the two random-init demo models, 40 digits images per split; (cache, root)."""
+    root = tmp_path_factory.mktemp("hetero")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_family_cache(MODELS, root / "cache", QUICK, root, keep=False), root
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_protocol_on_a_tiny_quick_config(quick_cache):
+    cache, root = quick_cache
     steps = []
-    rep = run_protocol(cache, QUICK, root=tmp_path, say=lambda m: None, on_step=lambda: steps.append(1))
+    rep = run_protocol(cache, QUICK, root=root, say=lambda m: None, on_step=lambda: steps.append(1))
     assert len(steps) == len(QUICK.losses) * len(QUICK.lrs) * QUICK.steps
     assert rep["cuts"] == {"shallow": {"klas_vit_ti": 1, "klas_resnet_s": 1}, "middle": {"klas_vit_ti": 3, "klas_resnet_s": 4},
                            "deep": {"klas_vit_ti": 5, "klas_resnet_s": 7}}
@@ -59,6 +73,46 @@ def test_protocol_on_a_tiny_quick_config(tmp_path):
         assert rep["score_by_lr"][f"{loss}@{lr:g}"] == max(rep["score_by_lr"][f"{loss}@{x:g}"] for x in QUICK.lrs)
     assert rep["chosen_on"] == "score" and rep["split_sizes"]["eval"] == 40
     json.dumps(rep)  # JSON-ready
+
+
+@pytest.mark.parametrize("loss", ["lfm", "ce"])
+def test_protocol_training_is_klas_train_with_frozen_anchors(quick_cache, tmp_path, loss):
+    """The protocol's training of a stitch (train_loss) is ``klas train --frozen --loss L --layer mlp`` of
+    that stitch alone, for one epoch of the same steps: same least-squares start, batches and schedule."""
+    from klas.heterogeneous import train_loss
+    from klas.stitch.init import DEFAULT_RIDGE
+    from klas.stitch.network import StitchNet, StitchSpec, stitch_id
+    from klas.train import SplitData, init_stitches, load_checkpoint, checkpoint_path, teacher_targets, train_run
+
+    cache, root = quick_cache
+    a, b = MODELS
+    spec = StitchSpec(stitch_id(a, 3, b, 4), a, 3, b, 4)
+    prof = cache.profiles
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "selection.json").write_text(json.dumps({
+        "format": "klas.selection/1", "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
+        "budget_gflops": None, "buckets": 1, "layer": "mlp",
+        "anchors": [{"name": n, "macs": prof[n].macs, "params": prof[n].params} for n in MODELS],
+        "stitches": [{**spec.to_json(), "bucket": 0}]}))
+    cfg = QUICK
+    train_run(run, epochs=1, steps_per_epoch=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lrs[0], loss=loss,
+              weight_decay=cfg.weight_decay, warmup=cfg.warmup, init_images=cfg.init_images, full_tune=False,
+              layer="mlp", eval_batch_size=cfg.eval_batch_size, latency=False, root=root, seed=cfg.seed,
+              console=Console(file=io.StringIO()), progress=False)
+    ours = load_checkpoint(checkpoint_path(run))["stitch_states"][spec.id]
+
+    models = {m.name: m for m in cache.load_models(root=root)}
+    net = StitchNet({n: m.adapter for n, m in models.items()}, {n: m.profile for n, m in models.items()}, [spec], "mlp")
+    train = SplitData(cache, "probe-train", root=root)
+    init_stitches(net, train, images=cfg.init_images, ridge=DEFAULT_RIDGE, seed=cfg.seed,
+                  batch_size=cfg.eval_batch_size, device=torch.device("cpu"))
+    targets = teacher_targets(net, train, [b], {loss: 1.0}, batch_size=cfg.eval_batch_size, device=torch.device("cpu"))
+    start = {k: v.clone() for k, v in net.stitch_layer(spec.id).state_dict().items()}
+    train_loss(net, train, loss, cfg.lrs[0], targets, cfg, torch.device("cpu"))
+    for k, v in net.stitch_layer(spec.id).state_dict().items():
+        torch.testing.assert_close(v, ours[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(v, start[k]) for k, v in ours.items())  # training moved it
 
 
 def test_bench_script_quick_writes_json_and_table(tmp_path):
