@@ -49,8 +49,8 @@ def table(rep: dict) -> Table:
     t = Table(title=(f"Mai et al.'s protocol: {_short(a)} ({100 * an[a]['eval']:.1f} %, {an[a]['gflops']:.4f} GFLOPs) and "
                      f"{_short(b)} ({100 * an[b]['eval']:.1f} %, {an[b]['gflops']:.4f} GFLOPs); anchors frozen, only the "
                      f"{rep['config']['layer']} stitch layer trains; eval top-1 % (relative to the target alone); "
-                     f"lr per loss chosen on the score split: "
-                     + ", ".join(f"{k} {v:g}" for k, v in rep["chosen_lr"].items())))
+                     + (f"lr {rep['config']['lrs'][0]:g} for every loss" if len(rep["config"]["lrs"]) == 1 else
+                        "lr per loss chosen on the score split: " + ", ".join(f"{k} {v:g}" for k, v in rep["chosen_lr"].items()))))
     losses = list(rep["chosen_lr"])
     for col in ("depth", "stitch", "kind", "GFLOPs", "LS start", *losses):
         t.add_column(col, justify="left" if col in ("depth", "stitch", "kind") else "right")

@@ -245,7 +245,8 @@ def summarise(cfg: HeteroConfig, plan, profiles, r2, curves, score, evals, uncha
     return {
         "config": {**asdict(cfg), "models": list(cfg.models)}, "models": list(cfg.models), "anchors": anchors,
         "cuts": {d: {m: cut_at(profiles[m].num_blocks, DEPTHS[d]) for m in cfg.models} for d in cfg.depths},
-        "chosen_lr": chosen, "chosen_on": "score", "reported_on": "eval", "split_sizes": split_sizes,
+        "chosen_lr": chosen, "chosen_on": "score" if score else "fixed in the config (one lr)", "reported_on": "eval",
+        "split_sizes": split_sizes,
         "score_images": 0 if score is None else min(cfg.score_limit or split_sizes["score"], split_sizes["score"]),
         "anchors_unchanged": unchanged, "rows": rows,
         "score_by_lr": {tag: float(np.mean([score[tag][i] for i in ids])) for tag in curves} if score else {},
