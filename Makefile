@@ -36,4 +36,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scorer.py
 	$(PY) benchmarks/bench_search_scale.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_heterogeneous.py
 	$(PY) benchmarks/bench_recipe.py --run cache/runs/demo-vit

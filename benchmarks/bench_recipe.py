@@ -58,7 +58,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # in order of importance: a partial s
     "mlp": ("mlp stitch layer", dict(layer="mlp")),
     "lora": ("lora stitch layer (rank 8)", dict(layer="lora")),
     "distill": ("distill from the largest anchor", dict(loss="distill", teacher="largest")),
-    "ffm->ce": ("2 epochs ffm, then ce (Mai et al.)", dict(ffm_epochs=2)),
+    "ffm->ce": ("2 epochs ffm, then ce (Mai et al.)", dict(first_loss="ffm", first_epochs=2)),
     "no-anchor-routes": ("full-tune, anchors not sampled as routes", dict(anchor_routes=False)),
     "epochs-10": ("10 epochs", dict(epochs=10)),
 }

@@ -203,9 +203,10 @@ def train_cmd(
     batch_size: int = typer.Option(64, "--batch-size"),
     lr: float = typer.Option(3e-3, help="AdamW learning rate of the stitch layers; anchors get 0.1x (cosine schedule, warm-up)."),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
-    loss: str = typer.Option("ce", help="ce (labels), distill (KL to the teacher's logits), ffm (final feature matching); combine as ce=1,distill=1."),
+    loss: str = typer.Option("ce", help="ce (labels), distill (KL to the teacher's logits), ffm (final feature matching), lfm (match the target's own representation at the stitch point); combine as ce=1,distill=1."),
     teacher: str = typer.Option("target", help="Whose logits distill matches: target (each network's own target model) or largest (the largest anchor, as SN-Net)."),
-    ffm_epochs: int = typer.Option(0, "--ffm-epochs", help="Two stages (Mai et al.): the first N epochs train with ffm alone, then --loss."),
+    first_loss: str = typer.Option("ffm", "--first-loss", help="The first stage's loss (same spelling as --loss), used for --first-epochs."),
+    first_epochs: int = typer.Option(0, "--first-epochs", help="Two stages (Mai et al.): the first N epochs train with --first-loss, then --loss."),
     sampling: str = typer.Option("uniform", help="uniform over networks, or bucket: a FLOPs bucket first (SN-Netv2)."),
     full_tune: bool = typer.Option(True, "--full-tune/--frozen", help="Train the anchors too, at 0.1x the learning rate (SN-Net); --frozen: stitch layers only."),
     anchor_routes: Optional[bool] = typer.Option(None, "--anchor-routes/--no-anchor-routes", help="Sample the anchors as networks too (SN-Net); default: on with --full-tune."),
@@ -224,7 +225,7 @@ def train_cmd(
 
     config = TrainConfig(
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        loss=loss, teacher=teacher, ffm_epochs=ffm_epochs, sampling=sampling, full_tune=full_tune,
+        loss=loss, teacher=teacher, first_loss=first_loss, first_epochs=first_epochs, sampling=sampling, full_tune=full_tune,
         anchor_routes=anchor_routes, layer=layer, init=init, init_images=init_images, resume=resume,
         overwrite=overwrite, amp=amp, device=device, seed=seed, root=root,
     )

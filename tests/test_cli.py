@@ -1,6 +1,7 @@
 """The command line: answers ``--help`` without torch, and every usage error is one ``error:`` line, exit 2."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -49,3 +50,44 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv, message):
 def test_klas_errors_are_one_line_exit_2(capsys, tmp_path):
     code, out, err = run(capsys, "export", "pareto", str(tmp_path / "nowhere"))
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: there is no run directory"), err
+
+
+def test_train_flags_map_one_to_one_onto_train_config(capsys, monkeypatch, tmp_path):
+    """Every ``klas train`` flag lands in its TrainConfig field unchanged (non-default values, so a flag
+    that is dropped or crossed with another shows); a bad value of a new field is an ``error:`` line."""
+    import dataclasses
+
+    import klas.train
+    from klas.errors import KlasError
+    from klas.train import TrainConfig
+
+    got = {}
+
+    def fake_train_run(run_dir, config, **kw):
+        got["run"], got["config"] = run_dir, config
+        raise KlasError("captured")
+
+    monkeypatch.setattr(klas.train, "train_run", fake_train_run)
+    values = dict(epochs=4, steps_per_epoch=3, batch_size=8, lr=0.02, weight_decay=0.1, loss="ce=1,lfm=0.5",
+                  teacher="largest", first_loss="lfm=1,ffm=2", first_epochs=2, sampling="bucket", layer="mlp",
+                  init="random", init_images=7, amp="off", device="cpu", seed=3, root=str(tmp_path))
+    argv = ["train", "run-x"]
+    for name, v in values.items():
+        argv += ["--" + name.replace("_", "-"), str(v)]
+    argv += ["--frozen", "--no-anchor-routes", "--resume", "--overwrite"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err == "error: captured\n"
+    cfg = got["config"]
+    assert isinstance(cfg, TrainConfig) and str(got["run"]) == "run-x"
+    for name, v in values.items():
+        assert getattr(cfg, name) == (type(getattr(cfg, name))(v)), name
+    assert (cfg.full_tune, cfg.anchor_routes, cfg.resume, cfg.overwrite) == (False, False, True, True)
+    defaults = TrainConfig()
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    assert changed == set(values) | {"full_tune", "anchor_routes", "resume", "overwrite"}
+    monkeypatch.undo()
+    for bad, msg in ((["--first-loss", "xent"], "unknown loss 'xent' in --first-loss"),
+                     (["--first-epochs", "5"], r"--first-epochs \(5\) must be below --epochs \(5\)"),
+                     (["--loss", "lfm=-2"], "loss weight for lfm must be a non-negative")):
+        code, out, err = run(capsys, "train", str(tmp_path / "nowhere"), *bad)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and re.search(msg, err), err

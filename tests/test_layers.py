@@ -22,7 +22,7 @@ RANK = {
     "score": 6, "select": 6,
     "run": 7,
     "search": 8, "train": 8,
-    "quality": 9, "export": 9,
+    "quality": 9, "export": 9, "heterogeneous": 9,
     "cli": 10, "__main__": 11,
 }
 

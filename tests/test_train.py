@@ -224,8 +224,9 @@ def _states_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("opts", [
     dict(loss="ce", full_tune=False),
     dict(loss="ce=1,distill=0.5,ffm=0.5", sampling="bucket", full_tune=True),
-    dict(loss="ce=1,distill=1", teacher="largest", ffm_epochs=1, full_tune=True, layer="lora"),
-], ids=["frozen-ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora"])
+    dict(loss="ce=1,distill=1", teacher="largest", first_epochs=1, full_tune=True, layer="lora"),
+    dict(loss="ce=1,lfm=1", first_loss="lfm", first_epochs=1, full_tune=True, layer="mlp"),
+], ids=["frozen-ce", "full-tune-bucket-mixed-loss", "two-stage-largest-teacher-lora", "two-stage-lfm-mlp"])
 def test_resume_continues_exactly(fake, tmp_path, opts):
     write_selection(tmp_path / "straight", fake)
     write_selection(tmp_path / "split", fake)
@@ -293,8 +294,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(fake, tmp_path):
 
 
 def test_distillation_and_feature_matching_do_not_read_labels(fake, tmp_path):
-    """distill / ffm learn from the target model's own outputs: scrambling the train labels changes nothing."""
-    opts = dict(FAST, loss="distill=1,ffm=0.5", epochs=1)
+    """distill / ffm / lfm learn from the target model's own outputs: scrambling the train labels changes nothing."""
+    opts = dict(FAST, loss="distill=1,ffm=0.5,lfm=1", epochs=1)
     write_selection(tmp_path / "a", fake)
     train_run(tmp_path / "a", console=quiet(), **opts)
     scrambled = FakeCache(tmp_path / "cache2", permute_train_labels=True)
@@ -413,14 +414,19 @@ def test_train_config_validates_once_and_names_the_flag():
                         (dict(full_tune="yes"), "--full-tune"), (dict(teacher="biggest"), "--teacher"),
                         (dict(anchor_routes=True, full_tune=False), "--anchor-routes .* needs --full-tune"),
                         (dict(anchor_routes="yes", full_tune=True), "--anchor-routes"),
-                        (dict(ffm_epochs=5, epochs=5), r"--ffm-epochs \(5\) must be below --epochs \(5\)"),
-                        (dict(ffm_epochs=-1), "--ffm-epochs"), (dict(layer="conv"), "--layer")):
+                        (dict(first_epochs=5, epochs=5), r"--first-epochs \(5\) must be below --epochs \(5\)"),
+                        (dict(first_epochs=-1), "--first-epochs"), (dict(layer="conv"), "--layer"),
+                        (dict(first_loss="xent"), r"unknown loss 'xent' in --first-loss"),
+                        (dict(first_loss="lfm=0"), "--first-loss 'lfm=0' has no positive weight"),
+                        (dict(loss="lfm=-1"), "loss weight for lfm must be a non-negative")):
         with pytest.raises(KlasError, match=msg):
             TrainConfig(**kwargs)
     with pytest.raises(KlasError, match="unknown training option"):
         TrainConfig().with_overrides(epoch=3)
-    cfg = TrainConfig(loss="ffm=0.5+ce").resolved(steps_per_epoch=7, layer="linear")
-    assert cfg.loss == "ce=1,ffm=0.5" and cfg.steps_per_epoch == 7
+    cfg = TrainConfig(loss="ffm=0.5+ce", first_loss="lfm+ffm=2", first_epochs=1).resolved(steps_per_epoch=7, layer="linear")
+    assert cfg.loss == "ce=1,ffm=0.5" and cfg.first_loss == "ffm=2,lfm=1" and cfg.steps_per_epoch == 7
+    assert cfg.loss_weights_at(1) == {"lfm": 1.0, "ffm": 2.0} and cfg.loss_weights_at(2) == {"ce": 1.0, "ffm": 0.5}
+    assert {"first_loss", "first_epochs"} <= set(cfg.recipe())
     assert list(cfg.recipe()) == list(TrainConfig.recipe_keys())
     assert "resume" not in cfg.recipe() and "device" not in cfg.recipe()
 
@@ -463,6 +469,31 @@ def test_anchor_routes_are_sampled_with_full_tune(fake, tmp_path, monkeypatch):
         res = train_run(tmp_path / name, console=quiet(), steps_per_epoch=40, **{**FAST, **opts})
         assert set(seen) & set(MODELS) == (set(MODELS) if name == "full" else set()), name
         assert res.config["anchor_routes"] is (name == "full")
+
+
+def test_lfm_stage_trains_stitches_only_then_the_loss_samples_anchors(fake, tmp_path, monkeypatch):
+    """An lfm-only first stage gives anchors no term, so its steps sample only stitches; the second
+    stage (ce) samples the anchors as routes again; lfm moves the stitch layers."""
+    import klas.train.loop as loop
+
+    seen: dict[int, list] = {}
+    real_fit = loop.fit
+
+    def recording_fit(net, data, sequence, objective, *args, **kwargs):
+        seen[len(seen) + 1] = (list(sequence), dict(objective.weights))
+        return real_fit(net, data, sequence, objective, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", recording_fit)
+    write_selection(tmp_path / "r", fake)
+    res = train_run(tmp_path / "r", console=quiet(), steps_per_epoch=30,
+                    **{**FAST, "full_tune": True, "first_loss": "lfm", "first_epochs": 1})
+    assert res.config["first_loss"] == "lfm=1" and res.config["first_epochs"] == 1
+    (seq1, w1), (seq2, w2) = seen[1], seen[2]
+    assert w1 == {"lfm": 1.0} and w2 == {"ce": 1.0}
+    assert not set(seq1) & set(MODELS) and set(seq2) & set(MODELS)
+    assert res.history[0]["loss"] > 0
+    rows = {r["id"]: r for r in res.rows}
+    assert any(rows[stitch_id(*p)]["acc_after"] != rows[stitch_id(*p)]["acc_before"] for p in PAIRS)
 
 
 def test_distillation_from_the_largest_anchor():

@@ -39,12 +39,21 @@ class TrainConfig:
     * ``batch_size`` (64, per process), ``lr`` (3e-3, AdamW, for stitch layers), ``weight_decay`` (0.05, on
       weight matrices only), ``warmup`` (0.1: fraction of all steps in linear warm-up, then cosine to 0).
     * ``loss`` ("ce"): ``ce``, ``distill`` (KL to a teacher's logits, label-free), ``ffm``
-      (MSE to the target model's pre-logits features, label-free) or weighted sums like ``"ce=1,ffm=0.5"``.
+      (MSE to the target model's pre-logits features, label-free), ``lfm`` (MSE between the stitch
+      module's output and the target model's own representation at the stitch point, label-free) or
+      weighted sums like ``"ce=1,ffm=0.5"``. ``lfm`` compares with the target's representation under the
+      net's *current* weights, computed on the same batch and treated as a constant: with frozen anchors
+      that is the original model; with ``full_tune`` it is the prefix the target's own suffix is being
+      trained on (what the stitch must imitate for that suffix), whereas a frozen copy would pull the
+      stitch towards inputs the fine-tuned suffix no longer sees (and would cost a second copy of
+      every target plus a second prefix pass). An anchor has no stitch point, hence no ``lfm`` term.
     * ``teacher`` ("target" | "largest"): whose logits ``distill`` matches: each network's own target
       model, or the largest anchor (most MACs) for every network, as SN-Net distils from a stronger
       model. Teachers keep their original weights (their logits are computed once, before training).
-    * ``ffm_epochs`` (0): Mai et al.'s two stages: the first ``ffm_epochs`` epochs train with ``ffm``
-      alone, the rest with ``loss`` (one learning-rate schedule over all epochs).
+    * ``first_loss`` ("ffm") and ``first_epochs`` (0): two stages (Mai et al.: FFM, then the task loss):
+      the first ``first_epochs`` epochs train with ``first_loss`` (any ``loss`` spelling, e.g. ``lfm``),
+      the rest with ``loss`` (one learning-rate schedule over all epochs). In a stage whose loss gives
+      anchors no term (``lfm`` alone) the anchors are not sampled as routes.
     * ``sampling`` ("uniform" | "bucket"): which network each step trains.
     * ``full_tune`` (True): also fine-tune the anchors, at ``anchor_lr_scale`` (0.1) x ``lr`` (SN-Net);
       False trains the stitch layers alone (``--frozen``).
@@ -71,7 +80,8 @@ class TrainConfig:
     warmup: float = _recipe(0.1)
     loss: str = _recipe("ce")
     teacher: str = _recipe("target")
-    ffm_epochs: int = _recipe(0)
+    first_loss: str = _recipe("ffm")
+    first_epochs: int = _recipe(0)
     sampling: str = _recipe("uniform")
     # Defaults from benchmarks/bench_recipe.py on the demo ViT family (README "Which training recipe?"):
     # frozen anchors put 0 of 22 stitches on the front, joint training with anchor routes 6.
@@ -104,9 +114,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 self._int(name, minimum=1)
         self._int("seed", minimum=None)
-        self._int("ffm_epochs", minimum=0)
-        if self.ffm_epochs >= self.epochs:
-            raise KlasError(f"--ffm-epochs ({self.ffm_epochs}) must be below --epochs ({self.epochs}): "
+        self._int("first_epochs", minimum=0)
+        if self.first_epochs >= self.epochs:
+            raise KlasError(f"--first-epochs ({self.first_epochs}) must be below --epochs ({self.epochs}): "
                             f"the epochs after them train with --loss")
         self._int("workers", minimum=0)
         self._number("lr", "> 0", lambda v: v > 0)
@@ -128,6 +138,7 @@ class TrainConfig:
         if self.anchor_routes and not self.full_tune:
             raise KlasError("--anchor-routes trains the anchors as routes of their own; it needs --full-tune")
         parse_loss(self.loss)  # a KlasError naming the bad term
+        parse_loss(self.first_loss, flag="--first-loss")
         object.__setattr__(self, "root", Path(self.root))
 
     # -- validation helpers -----------------------------------------------------------------------
@@ -164,14 +175,20 @@ class TrainConfig:
         """Whether the anchors are sampled as routes (``anchor_routes``, by default ``full_tune``)."""
         return self.full_tune if self.anchor_routes is None else self.anchor_routes
 
+    @property
+    def first_loss_weights(self) -> dict[str, float]:
+        """``first_loss`` parsed."""
+        return parse_loss(self.first_loss, flag="--first-loss")
+
     def loss_weights_at(self, epoch: int) -> dict[str, float]:
-        """The loss of epoch ``epoch`` (1-based): ``ffm`` alone in the first ``ffm_epochs``, else ``loss``."""
-        return {"ffm": 1.0} if epoch <= self.ffm_epochs else self.loss_weights
+        """The loss of epoch ``epoch`` (1-based): ``first_loss`` in the first ``first_epochs``, else ``loss``."""
+        return self.first_loss_weights if epoch <= self.first_epochs else self.loss_weights
 
     def resolved(self, *, steps_per_epoch: int, layer: str) -> "TrainConfig":
         """This config with the run's defaults filled in and the loss spelled canonically."""
         return dataclasses.replace(self, steps_per_epoch=steps_per_epoch, layer=layer,
-                                   loss=loss_string(self.loss_weights), anchor_routes=self.routes_anchors)
+                                   loss=loss_string(self.loss_weights), first_loss=loss_string(self.first_loss_weights),
+                                   anchor_routes=self.routes_anchors)
 
     def recipe(self) -> dict[str, Any]:
         """The ``recipe`` fields as a dict (call on a :meth:`resolved` config for the manifest)."""

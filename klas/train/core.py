@@ -27,8 +27,8 @@ from klas.optim import autocast, param_groups, set_lr
 from klas.stitch.init import least_squares_init
 from klas.stitch.network import StitchNet
 from klas.train.data import SplitData, epoch_seed
-from klas.train.forward import anchor_outputs, group_outputs, needs_of, target_groups, target_of
-from klas.train.losses import needs_teacher, stitch_loss
+from klas.train.forward import Outputs, anchor_outputs, group_outputs, match_needs, needs_of, target_groups, target_of
+from klas.train.losses import needs_match, needs_teacher, stitch_loss, trains_anchors
 
 Batch = tuple[Tensor, Tensor, Tensor]  # images, labels, positions in the split
 Ids = str | Sequence[str]
@@ -44,11 +44,13 @@ class NonFiniteLoss(KlasError):
 
 @dataclass(frozen=True)
 class Objective:
-    """What a step minimises for one network: ``weights`` of the terms ``ce`` / ``distill`` / ``ffm``
-    (:func:`klas.train.losses.parse_loss`), the distillation ``temperature``, and ``targets``: per
+    """What a step minimises for one network: ``weights`` of the terms ``ce`` / ``distill`` / ``ffm`` /
+    ``lfm`` (:func:`klas.train.losses.parse_loss`), the distillation ``temperature``, and ``targets``: per
     model name, its own ``"logits"`` / ``"features"`` on every training image (rows indexed by the
     batch's positions; :func:`teacher_targets`). A network's target is the model whose head it ends in;
-    ``ffm`` matches the target's features, ``distill`` the logits of ``teacher`` (None: the target's)."""
+    ``ffm`` matches the target's features, ``distill`` the logits of ``teacher`` (None: the target's).
+    ``lfm`` needs no stored targets: the target's representation at the stitch point is computed on
+    the same batch (:func:`klas.train.forward.match_needs`) and passed in as ``target_rep``."""
 
     weights: Mapping[str, float]
     temperature: float = 1.0
@@ -59,13 +61,29 @@ class Objective:
     def wants_features(self) -> bool:
         return needs_teacher(self.weights)[1]
 
-    def __call__(self, logits: Tensor, features: Tensor | None, labels: Tensor, positions: Tensor, target: str) -> Tensor:
+    @property
+    def wants_match(self) -> bool:
+        """Whether steps must compute each stitch's output and its target's representation (``lfm``)."""
+        return needs_match(self.weights)
+
+    @property
+    def trains_anchors(self) -> bool:
+        """Whether an anchor sampled as a route has anything to learn (not under ``lfm`` alone)."""
+        return trains_anchors(self.weights)
+
+    def __call__(self, logits: Tensor, features: Tensor | None, labels: Tensor, positions: Tensor, target: str,
+                 stitched: Tensor | None = None, target_rep: Tensor | None = None) -> Tensor:
         t, teacher = self.targets.get(target, {}), self.targets.get(self.teacher or target, {})
         dev = logits.device
         total, _ = stitch_loss(self.weights, logits, labels, features,
                                teacher["logits"][positions].to(dev) if "logits" in teacher else None,
-                               t["features"][positions].to(dev) if "features" in t else None, self.temperature)
+                               t["features"][positions].to(dev) if "features" in t else None, self.temperature,
+                               stitched, target_rep)
         return total
+
+    def of(self, out: Outputs, labels: Tensor, positions: Tensor, target: str) -> Tensor:
+        """The loss of one network's :class:`~klas.train.forward.Outputs`."""
+        return self(out.logits, out.features, labels, positions, target, out.stitched, out.target_rep)
 
 
 @torch.no_grad()
@@ -157,7 +175,7 @@ def train_step(net: StitchNet, batch: Batch, ids: Ids, objective: Objective, opt
     before the update when the loss is nan or inf. ``sync_grads`` runs between backward and update
     (the all-reduce under torchrun)."""
     x, y, p = batch
-    if isinstance(ids, str):
+    if isinstance(ids, str) and not objective.wants_match:
         model = net.model(ids)
         with autocast(x.device, amp_dtype):
             logits, feats = model.logits_and_features(x) if objective.wants_features else (model(x), None)
@@ -165,7 +183,8 @@ def train_step(net: StitchNet, batch: Batch, ids: Ids, objective: Objective, opt
         _backward(loss, scaler, ids)
         value = float(loss.detach())
     else:
-        value = _grouped_backward(net, x, y, p, list(ids), objective, scaler, amp_dtype, chunk_images)
+        value = _grouped_backward(net, x, y, p, [ids] if isinstance(ids, str) else list(ids), objective, scaler,
+                                  amp_dtype, chunk_images)
     if sync_grads is not None:
         sync_grads()
     if scaler is not None:
@@ -180,15 +199,20 @@ def train_step(net: StitchNet, batch: Batch, ids: Ids, objective: Objective, opt
 def _backward(loss: Tensor, scaler, ids: Ids, retain: bool = False) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLoss(float(loss), ids)
-    (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain)
+    if loss.requires_grad:  # not: an anchor under lfm alone has no term (nothing to learn)
+        (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain)
 
 
 def _grouped_backward(net: StitchNet, x: Tensor, y: Tensor, p: Tensor, ids: list[str], objective: Objective,
                       scaler, amp_dtype, chunk_images: int) -> float:
     """Backward of every listed network on one batch, anchor prefixes shared; one backward per group."""
     through_anchors = any(q.requires_grad for q in net.anchors.parameters())
+    match = objective.wants_match
+    needs = needs_of([(net, ids)])
+    for name, cuts in (match_needs(net, ids) if match else {}).items():
+        needs.setdefault(name, set()).update(cuts)
     with torch.set_grad_enabled(through_anchors), autocast(x.device, amp_dtype):
-        reps = net.representations(x, needs_of([(net, ids)]))
+        reps = net.representations(x, needs)
     feats = objective.wants_features
     total = 0.0
     anchors = [i for i in ids if net.is_anchor(i)]
@@ -199,9 +223,9 @@ def _grouped_backward(net: StitchNet, x: Tensor, y: Tensor, p: Tensor, ids: list
                 outs = [anchor_outputs(net, unit[0], reps, feats)]
                 targets = unit
             else:
-                outs = group_outputs(net, unit, reps, feats)
+                outs = group_outputs(net, unit, reps, feats, match)
                 targets = [unit[0]] * len(outs)
-        loss = sum(objective(lg, ft, y, p, t) for (lg, ft), t in zip(outs, targets))
+        loss = sum(objective.of(o, y, p, t) for o, t in zip(outs, targets))
         _backward(loss, scaler, ids, retain=through_anchors and k < len(anchors) + len(groups) - 1)
         total += float(loss.detach())
     return total / len(ids)

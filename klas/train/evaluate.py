@@ -53,10 +53,10 @@ def correct_per_image(
             for tag, (net, _) in nets.items():
                 anchor_ids, groups = plans[tag]
                 for a in anchor_ids:
-                    out[tag][a].append((anchor_outputs(net, a, reps)[0].argmax(1) == y).cpu())
+                    out[tag][a].append((anchor_outputs(net, a, reps).logits.argmax(1) == y).cpu())
                 for group in groups:
-                    for i, (logits, _) in zip(group[2], group_outputs(net, group, reps)):
-                        out[tag][i].append((logits.argmax(1) == y).cpu())
+                    for i, o in zip(group[2], group_outputs(net, group, reps)):
+                        out[tag][i].append((o.logits.argmax(1) == y).cpu())
         if on_batch:
             on_batch(len(y))
     for (net, _), mode in zip(nets.values(), modes):

@@ -8,8 +8,9 @@
 3. Fine-tune jointly: every step samples one network (``uniform``, or ``bucket``: a FLOPs bucket first,
    then a member, as SN-Netv2) and updates it on one batch; anchors stay frozen unless ``full_tune``
    (then they train too, at ``anchor_lr_scale`` x the learning rate, and, with ``anchor_routes``, are
-   sampled as networks of their own, as SN-Net). The loss is ``loss`` (``ffm`` alone in the first
-   ``ffm_epochs``); ``distill`` matches the target's or the largest anchor's original logits. AdamW,
+   sampled as networks of their own, as SN-Net). The loss is ``loss`` (``first_loss`` in the first
+   ``first_epochs``); ``distill`` matches the target's or the largest anchor's original logits, ``lfm``
+   the target's representation at the stitch point on the same batch. AdamW,
    linear warm-up then cosine decay, per step. AMP (bf16, else fp16) on CUDA only.
 4. Checkpoint after every epoch (``checkpoints/last.pt``, replaced atomically), evaluate ("after"),
    time each network, write ``results.parquet`` and then ``train.json`` (the run's manifest, last).
@@ -144,7 +145,7 @@ class RunContext:
 
 @dataclass
 class Trainer:
-    """What the epochs train with: the stitchable network, its objectives (``first``: the ``ffm`` stage,
+    """What the epochs train with: the stitchable network, its objectives (``first``: the first stage's,
     None without one), optimiser state, and the networks steps sample from with their buckets."""
 
     net: StitchNet
@@ -155,8 +156,16 @@ class Trainer:
     buckets: list[int]
     first: Objective | None = None
 
-    def objective_at(self, epoch: int, ffm_epochs: int) -> Objective:
-        return self.first if epoch <= ffm_epochs and self.first is not None else self.objective
+    def objective_at(self, epoch: int, first_epochs: int) -> Objective:
+        return self.first if epoch <= first_epochs and self.first is not None else self.objective
+
+    def routes_for(self, objective: Objective) -> tuple[list[str], list[int]]:
+        """The networks (and buckets) steps sample from under ``objective``: all routes, or only the
+        stitches when it gives anchors no term (``lfm`` alone), so no step is spent on nothing."""
+        if objective.trains_anchors:
+            return self.routes, self.buckets
+        keep = [k for k, r in enumerate(self.routes) if not self.net.is_anchor(r)]
+        return [self.routes[k] for k in keep], [self.buckets[k] for k in keep]
 
     @property
     def trained_params(self) -> list[torch.nn.Parameter]:
@@ -254,14 +263,14 @@ def build_trainer(ctx: RunContext) -> Trainer:
                                      _buckets_of(ctx.specs, int(ctx.selection.get("buckets") or 20)), anchors)
     teacher = largest_anchor(net) if cfg.teacher == "largest" else None
     names = {s.dst for s in ctx.specs} | set(anchors) | ({teacher} if teacher else set())
-    every_term = {**cfg.loss_weights_at(1), **cfg.loss_weights}  # the outputs any epoch's loss reads
+    every_term = {**(cfg.first_loss_weights if cfg.first_epochs else {}), **cfg.loss_weights}  # what any epoch reads
     targets = teacher_targets(net, ctx.train_data, sorted(names), every_term,
                               batch_size=cfg.eval_batch_size, device=ctx.device, amp_dtype=ctx.amp_dtype)
     opt = make_optimizer(net, cfg.lr, cfg.weight_decay, full_tune=cfg.full_tune, anchor_lr_scale=cfg.anchor_lr_scale)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp_dtype == torch.float16)
     ctx.timer.lap("teacher_targets")
     objective = Objective(cfg.loss_weights, cfg.temperature, targets, teacher)
-    first = Objective(cfg.loss_weights_at(1), cfg.temperature, targets) if cfg.ffm_epochs else None
+    first = Objective(cfg.first_loss_weights, cfg.temperature, targets, teacher) if cfg.first_epochs else None
     return Trainer(net, objective, opt, scaler, routes, buckets, first)
 
 
@@ -371,8 +380,9 @@ def run_epoch(ctx: RunContext, tr: Trainer, epoch: int) -> dict:
     warm = warmup_steps_of(cfg.warmup, total)
     positions = epoch_positions(ctx.train_data.n, steps, cfg.batch_size * world, cfg.seed, epoch)
     positions = positions.view(steps, world, cfg.batch_size)[:, ctx.rank].reshape(-1)
-    ids = tr.routes
-    sequence = [ids[i] for i in stitch_sequence(len(ids), steps, cfg.sampling, tr.buckets, cfg.seed, epoch)]
+    objective = tr.objective_at(epoch, cfg.first_epochs)
+    ids, buckets = tr.routes_for(objective)
+    sequence = [ids[i] for i in stitch_sequence(len(ids), steps, cfg.sampling, buckets, cfg.seed, epoch)]
     sync = (lambda: _all_reduce_grads(tr.trained_params, world)) if world > 1 else None
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -387,7 +397,7 @@ def run_epoch(ctx: RunContext, tr: Trainer, epoch: int) -> dict:
             bar.update(task, advance=1, loss=f"{running[0] / len(losses):.4f}", rate=f"{rate:.1f}", stitch=sid)
 
         try:
-            fit(tr.net, ctx.train_data, sequence, tr.objective_at(epoch, cfg.ffm_epochs), tr.opt, tr.scaler, positions=positions,
+            fit(tr.net, ctx.train_data, sequence, objective, tr.opt, tr.scaler, positions=positions,
                 batch_size=cfg.batch_size, device=ctx.device, schedule=lambda s: warmup_cosine(s, total, warm),
                 start_step=(epoch - 1) * steps, amp_dtype=ctx.amp_dtype, sync_grads=sync, on_step=on_step)
         except NonFiniteLoss as exc:

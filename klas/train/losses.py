@@ -4,7 +4,11 @@
 * ``distill``: KL(target model b's softmax || stitched net's softmax) on the same images (label-free;
   b is the stitch's target model with its original weights),
 * ``ffm``: final-feature matching (Mai et al.): MSE between the stitched net's pre-logits features and
-  b's own pre-logits features on the same images (label-free).
+  b's own pre-logits features on the same images (label-free),
+* ``lfm``: local feature matching at the stitch point (Mai et al.'s LFM): MSE between the stitch
+  module's output (after the bridge, in b's layout) and b's own representation ``dst_cut`` on the same
+  images (label-free). The target representation is a constant (no gradient flows into it). An
+  anchor has no stitch point: its ``lfm`` term is absent (it would match itself, 0).
 """
 from __future__ import annotations
 
@@ -17,20 +21,21 @@ from torch import Tensor
 
 from klas.errors import KlasError
 
-LOSSES: tuple[str, ...] = ("ce", "distill", "ffm")
+LOSSES: tuple[str, ...] = ("ce", "distill", "ffm", "lfm")
 
 
-def parse_loss(text: str | dict) -> dict[str, float]:
+def parse_loss(text: str | dict, flag: str = "--loss") -> dict[str, float]:
     """``"ce"`` -> ``{"ce": 1.0}``; ``"ce=1,ffm=0.5"`` (or ``+``-separated) -> weights per term.
 
-    Terms with weight 0 are dropped; at least one positive term must remain.
+    Terms with weight 0 are dropped; at least one positive term must remain. ``flag`` names the
+    option in error messages.
     """
     if isinstance(text, dict):
         items = [(str(k), v) for k, v in text.items()]
     else:
         parts = [p.strip() for p in re.split(r"[,+]", str(text)) if p.strip()]
         if not parts:
-            raise KlasError(f"empty --loss {text!r}; use e.g. ce, distill, ffm or ce=1,ffm=0.5")
+            raise KlasError(f"empty {flag} {text!r}; use e.g. ce, distill, ffm, lfm or ce=1,ffm=0.5")
         items = []
         for part in parts:
             name, sep, weight = part.partition("=")
@@ -38,9 +43,9 @@ def parse_loss(text: str | dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, weight in items:
         if name not in LOSSES:
-            raise KlasError(f"unknown loss {name!r} in --loss {text!r}; use {', '.join(LOSSES)} (e.g. ce=1,ffm=0.5)")
+            raise KlasError(f"unknown loss {name!r} in {flag} {text!r}; use {', '.join(LOSSES)} (e.g. ce=1,ffm=0.5)")
         if name in out:
-            raise KlasError(f"loss {name!r} given twice in --loss {text!r}")
+            raise KlasError(f"loss {name!r} given twice in {flag} {text!r}")
         try:
             w = float(weight)
         except (TypeError, ValueError):
@@ -50,7 +55,7 @@ def parse_loss(text: str | dict) -> dict[str, float]:
         if w > 0:
             out[name] = w
     if not out:
-        raise KlasError(f"--loss {text!r} has no positive weight; give at least one term a weight above 0")
+        raise KlasError(f"{flag} {text!r} has no positive weight; give at least one term a weight above 0")
     return out
 
 
@@ -64,6 +69,16 @@ def needs_teacher(weights: dict[str, float]) -> tuple[bool, bool]:
     return "distill" in weights, "ffm" in weights
 
 
+def needs_match(weights: dict[str, float]) -> bool:
+    """Whether the loss reads the stitch output and the target's representation at the stitch point (``lfm``)."""
+    return "lfm" in weights
+
+
+def trains_anchors(weights: dict[str, float]) -> bool:
+    """Whether the loss has a term for an anchor (every term but ``lfm``, which an anchor lacks)."""
+    return any(k != "lfm" for k in weights)
+
+
 def stitch_loss(
     weights: dict[str, float],
     logits: Tensor,
@@ -72,8 +87,13 @@ def stitch_loss(
     teacher_logits: Tensor | None = None,
     teacher_features: Tensor | None = None,
     temperature: float = 1.0,
+    stitched: Tensor | None = None,
+    target_rep: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of the requested terms (float32), and each term's value for display."""
+    """Weighted sum of the requested terms (float32), and each term's value for display.
+
+    ``stitched`` / ``target_rep``: the stitch module's output and the target's representation at the
+    stitch point (``lfm``; both None for an anchor, which then has no ``lfm`` term)."""
     total = logits.new_zeros((), dtype=torch.float32)
     parts: dict[str, float] = {}
     logits = logits.float()
@@ -91,4 +111,8 @@ def stitch_loss(
         term = F.mse_loss(features.float(), teacher_features.float())
         total = total + weights["ffm"] * term
         parts["ffm"] = float(term.detach())
+    if "lfm" in weights and stitched is not None:
+        term = F.mse_loss(stitched.float(), target_rep.detach().float())
+        total = total + weights["lfm"] * term
+        parts["lfm"] = float(term.detach())
     return total, parts
