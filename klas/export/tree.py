@@ -163,7 +163,7 @@ def plot_tradeoff(manifest: dict, out_base: Path, title: str) -> list[Path]:
     ax.set_ylabel("recovered gain (%) = (tree - floor) / (ceiling - floor)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     paths = []
     for ext in ("png", "svg"):
@@ -192,8 +192,9 @@ def export_tree(run_dir: Path | str, *, root: Path | None = None, device: str = 
     result = TreeExport(run_dir, run_dir / "export", manifest)
     with DirLock(run_dir, "run directory"), atomic_dir(run_dir / "export", overwrite=True) as tmp:
         rows = tradeoff_rows(manifest)
+        loaded: dict = {}
         for r in manifest["trees"]:
-            tree, row, arch = trained_tree(run_dir, r["share"], root=root or DEFAULT_ROOT, device=device)
+            tree, row, arch = trained_tree(run_dir, r["share"], root=root or DEFAULT_ROOT, device=device, loaded=loaded)
             rel = f"trees/s{r['share']}"
             info = {"share": r["share"], "macs": row["macs"], "gflops": row["gflops"], "flops": FLOPS_CONVENTION,
                     "accuracy": {"system_top1": row["acc"], "recovered": row["recovered"], "split": "eval",

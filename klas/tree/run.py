@@ -307,9 +307,12 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch
 # -- what export reads ------------------------------------------------------------------------------
 
 
-def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None,
-                 device: str | torch.device = "cpu") -> tuple[StitchTree, dict, dict[str, str]]:
-    """The evaluated tree at ``share`` of a finished run, rebuilt: (tree, its tree.json row, model -> timm arch)."""
+def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None, device: str | torch.device = "cpu",
+                 loaded: dict | None = None) -> tuple[StitchTree, dict, dict[str, str]]:
+    """The evaluated tree at ``share`` of a finished run, rebuilt: (tree, its tree.json row, model -> timm arch).
+
+    ``loaded`` (model name -> :class:`~klas.models.LoadedModel`) is filled on the first call and reused by
+    later ones, so several trees of a run share one load of the cache's models (they are frozen)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     row = next((r for r in manifest["trees"] if r["share"] == share), None)
@@ -321,7 +324,9 @@ def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None,
     if int(ckpt["epoch"]) != manifest["config"]["epochs"] + manifest["config"]["task_epochs"]:
         raise KlasError(f"checkpoint of share point {share} in {run_dir} is not the evaluated one; rerun klas tree --resume")
     dev = torch.device(device)
-    loaded = {m.name: m for m in cache.load_models(device=dev, root=root or DEFAULT_ROOT) if m.name in spec.names}
+    loaded = {} if loaded is None else loaded
+    if not set(spec.names) <= set(loaded):
+        loaded.update({m.name: m for m in cache.load_models(device=dev, root=root or DEFAULT_ROOT)})
     net = StitchNet({n: loaded[n].adapter for n in spec.names}, {n: loaded[n].profile for n in spec.names},
                     spec.stitch_specs(), kind=ckpt["layer"]).to(dev)
     for sid, sd in ckpt["stitch_states"].items():
@@ -333,30 +338,31 @@ def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None,
 
 
 def tradeoff_table(manifest: dict, title: str) -> Table:
-    """Share point, cost, extra cost over the largest single model, system top-1, recovered gain,
-    per-branch fidelity (cosine / branch top-1 vs the model's own), latency; floor and ceiling last."""
+    """Share point, branches, cost, extra cost over the largest single model, system top-1, recovered
+    gain, per-branch fidelity (cosine; branch top-1 / the model's own), latency; floor and ceiling last."""
     ref = manifest["reference"]
-    t = Table(title=title, caption=f"{FLOPS_CONVENTION}. Extra cost: over the largest single model "
-                                   f"({ref['largest']['model']}). Top-1: linear classifier on the concatenated features, eval split.")
-    for col in ("system", "GFLOPs", "extra cost", "top-1 %", "recovered", "branch fidelity: cos, top-1 vs own %", "latency ms"):
-        t.add_column(col, justify="left" if col.startswith(("system", "branch")) else "right", overflow="fold")
+    t = Table(title=f"{title}, trunk {manifest['trunk']}",
+              caption=f"{FLOPS_CONVENTION}. extra: cost over the largest single model ({ref['largest']['model']}). "
+                      f"top-1: linear classifier on the concatenated features (eval split). fidelity per branch: "
+                      f"cosine to the model's own features; branch top-1 / model top-1 (%).")
+    for col in ("share", "branches", "GFLOPs", "extra", "top-1 %", "recovered", "fidelity", "ms"):
+        t.add_column(col, justify="left" if col in ("share", "branches", "fidelity") else "right", overflow="fold")
 
     def ms(v):
-        return "" if v is None else f"{v:.2f}"
+        return "" if v is None else f"{v:.1f}"
 
     for r in sorted(manifest["trees"], key=lambda r: r["macs"]):
         spec = r["spec"]
-        fid = "; ".join(f"{n}: {f['cosine']:.3f}, {100 * f['top1']:.1f} vs {100 * f['model_top1']:.1f}"
+        fid = "; ".join(f"{n} {f['cosine']:.3f}; {100 * f['top1']:.1f}/{100 * f['model_top1']:.1f}"
                         for n, f in r["fidelity"].items() if n != spec["trunk"])
-        name = f"s={r['share']}: {spec['trunk']} -> " + ", ".join(f"{b['model']}@{b['cut']}" for b in spec["branches"])
         rec = "" if r["recovered"] is None or not math.isfinite(r["recovered"]) else f"{100 * r['recovered']:.1f}%"
-        t.add_row(name, f"{r['gflops']:.4f}", f"{100 * r['extra_cost']:+.1f}%", f"{100 * r['acc']:.2f}", rec, fid,
-                  ms(r.get("latency_ms")))
+        t.add_row(str(r["share"]), ", ".join(f"{b['model']}@{b['cut']}" for b in spec["branches"]), f"{r['gflops']:.4f}",
+                  f"{100 * r['extra_cost']:+.1f}%", f"{100 * r['acc']:.2f}", rec, fid, ms(r.get("latency_ms")))
     f, c = ref["floor"], ref["ceiling"]
-    t.add_row(f"floor: {f['model']}", f"{f['macs'] / 1e9:.4f}", f"{100 * f['extra_cost']:+.1f}%",
+    t.add_row("floor", f"{f['model']} alone", f"{f['macs'] / 1e9:.4f}", f"{100 * f['extra_cost']:+.1f}%",
               f"{100 * f['acc']:.2f}", "0%", "", ms(f.get("latency_ms")))
-    t.add_row(f"ceiling: all {len(c['models'])} models", f"{c['macs'] / 1e9:.4f}",
-              f"{100 * c['extra_cost']:+.1f}%", f"{100 * c['acc']:.2f}", "100%", "", ms(c.get("latency_ms")))
+    t.add_row("ceiling", f"all {len(c['models'])} models", f"{c['macs'] / 1e9:.4f}", f"{100 * c['extra_cost']:+.1f}%",
+              f"{100 * c['acc']:.2f}", "100%", "", ms(c.get("latency_ms")))
     return t
 
 
