@@ -30,8 +30,8 @@ demo: $(STAMP)
 # ResNet): klas chooses the trunk and 3 share points from its scores, trains each tree's stitch layer
 # with final-feature matching and prints the trade-off table (README, "Stitch Tree").
 demo-tree: $(STAMP)
-	$(KLAS) cache --model klas_vit_s --model klas_resnet_l --data digits --limit 3000 --out cache/demo-tree
-	$(KLAS) tree cache/demo-tree --run cache/runs/demo-tree --epochs 1 --overwrite
+	$(KLAS) cache --model klas_vit_s --model klas_resnet_s --data digits --limit 3000 --out cache/demo-tree
+	$(KLAS) tree cache/demo-tree --run cache/runs/demo-tree --overwrite
 	$(KLAS) export tree cache/runs/demo-tree
 
 clean-demo:
