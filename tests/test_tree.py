@@ -87,7 +87,7 @@ def test_tree_cost_is_the_sum_of_exact_parts_and_the_direct_count(three, kind):
         for m, c in spec.branches:
             a = three[m].adapter
             used += sum(q.numel() for mod in a.blocks[c:] + a.head_modules() for q in mod.parameters())
-            used += sum(q.numel() for q in tree.stitches[m].parameters())
+            used += sum(q.numel() for q in tree.stitch(m).parameters())
         assert cost["params"] == used
 
 

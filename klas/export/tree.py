@@ -55,7 +55,7 @@ def save_tree(tree: StitchTree, out_dir: Path, arch: dict[str, str], info: dict[
         models.append({"name": name, "arch": arch[name], "create_kwargs": _create_kwargs(a), "family": a.family,
                        "num_blocks": a.num_blocks, "role": "trunk" if role == "src" else "branch", "cut": cuts[name]})
     for i, (name, _) in enumerate(spec.branches):
-        layer = tree.stitches[_key(name)]
+        layer = tree.stitch(name)
         for k, v in layer.state_dict().items():
             tensors[f"s{i}.{k}"] = v.detach().to("cpu").contiguous().clone()
         stitches.append({"branch": name, **_stitch_entry(layer)})
@@ -67,10 +67,6 @@ def save_tree(tree: StitchTree, out_dir: Path, arch: dict[str, str], info: dict[
         save_file(tensors, str(tmp), metadata={"format": TREE_FORMAT})
     write_json_atomic(out_dir / CONFIG, config)
     return out_dir
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "\u00b7")
 
 
 def load_tree(path: Path | str, device: str | torch.device = "cpu") -> StitchTree:

@@ -141,13 +141,17 @@ class StitchTree(nn.Module):
     def adapter(self, name: str) -> Adapter:
         return self.models[_module_key(name)]
 
+    def stitch(self, name: str) -> nn.Module:
+        """The stitch module into branch ``name`` (a model other than the trunk)."""
+        return self.stitches[_module_key(name)]
+
     def representations(self, x: Tensor) -> dict[str, Tensor]:
         """Every branch's last representation (what its head reads), the trunk prefix computed once."""
         t = self.adapter(self.spec.trunk)
         h = t.run_blocks(t.stem(x), 0, self.spec.share)
         out = {self.spec.trunk: t.run_blocks(h, self.spec.share)}
         for m, c in self.spec.branches:
-            out[m] = self.adapter(m).run_blocks(self.stitches[_module_key(m)](h), c)
+            out[m] = self.adapter(m).run_blocks(self.stitch(m)(h), c)
         return out
 
     def outputs(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
