@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 KLAS := $(VENV)/bin/klas
 STAMP := $(VENV)/.klas-installed
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo demo-tree test bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,9 +24,18 @@ demo: $(STAMP)
 	$(KLAS) search cache/demo-vit --run cache/runs/demo-vit --overwrite
 	$(KLAS) train cache/runs/demo-vit --overwrite
 	$(KLAS) export pareto cache/runs/demo-vit --models
+	$(MAKE) demo-tree
+
+# The demo's last stage: a Stitch Tree over two demo models of different families (a ViT and a
+# ResNet): klas chooses the trunk and 3 share points from its scores, trains each tree's stitch layer
+# with final-feature matching and prints the trade-off table (README, "Stitch Tree").
+demo-tree: $(STAMP)
+	$(KLAS) cache --model klas_vit_s --model klas_resnet_s --data digits --limit 3000 --out cache/demo-tree
+	$(KLAS) tree cache/demo-tree --run cache/runs/demo-tree --overwrite
+	$(KLAS) export tree cache/runs/demo-tree
 
 clean-demo:
-	rm -rf cache/demo-vit cache/runs/demo-vit cache/zoo
+	rm -rf cache/demo-vit cache/runs/demo-vit cache/demo-tree cache/runs/demo-tree cache/zoo
 
 # Benchmarks behind the README's figures (ratios within one run; minutes on 2 CPU cores);
 # bench_recipe.py reads the run `make demo` searched (cache/runs/demo-vit).

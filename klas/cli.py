@@ -33,7 +33,7 @@ app = typer.Typer(
     name="klas",
     help=(
         "Find good stitched networks between pretrained vision models (KLAS). "
-        "Pipeline: klas cache -> klas search -> klas train -> klas export pareto. " + GFLOPS_NOTE
+        "Pipeline: klas cache -> klas search -> klas train -> klas export pareto; klas tree -> klas export tree. " + GFLOPS_NOTE
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -248,6 +248,81 @@ def export_pareto_cmd(
     result = export_pareto(run_dir, models=models, onnx=onnx, root=root, console=err)
     out.print(result.table())
     out.print(f"picture: {result.out_dir / 'front.png'}  table: {result.out_dir / 'front.csv'}")
+
+
+@app.command("tree")
+def tree_cmd(
+    cache_dir: Path = typer.Argument(..., help="A cache directory written by klas cache (two or more models)."),
+    trunk: Optional[str] = typer.Option(None, "--trunk", help="The model whose early blocks run once (default: the best-scored)."),
+    share_at: str = typer.Option("auto", "--share-at", help="Share points (trunk block boundaries) s1,s2,... or auto (the best-scored per cost range)."),
+    points: int = typer.Option(3, "--points", help="How many share points auto picks."),
+    match: str = typer.Option("relative", help="Where branches join: relative (same relative depth) or score (lowest stitch score Γ)."),
+    layer: str = typer.Option("linear", help="Stitch layer: linear, mlp or lora."),
+    epochs: int = typer.Option(2, help="Epochs of final-feature matching (ffm, label-free; Mai et al.)."),
+    task_epochs: int = typer.Option(0, "--task-epochs", help="Epochs of the task loss (ce) after ffm."),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Default: one pass over probe-train."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate of the stitch layers (warm-up, cosine); models stay frozen."),
+    init_images: int = typer.Option(100, "--init-images", help="Probe-train images for the least-squares init."),
+    probe_epochs: int = typer.Option(10, "--probe-epochs", help="Epochs of the per-block probes and of the linear classifiers."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: cache/runs/<cache>-tree)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier output of this run."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the latency of every system."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    seed: int = typer.Option(0),
+    root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
+) -> None:
+    """Stitch Tree: one trunk run once, a branch per model; choose, train and evaluate a sweep of share points."""
+    from klas.tree import TreeConfig, parse_share_at, tree_run
+
+    config = TreeConfig(
+        trunk=trunk, share_at=parse_share_at(share_at), points=points, match=match, layer=layer, epochs=epochs,
+        task_epochs=task_epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, init_images=init_images,
+        probe_epochs=probe_epochs, resume=resume, overwrite=overwrite, latency=latency, device=device, seed=seed, root=root,
+    )
+    with _threads(threads):
+        result = tree_run(cache_dir, run, config, console=err)
+    if result.complete:
+        out.print(result.table())
+        out.print(f"run directory: {result.run_dir}  (next: klas export tree {result.run_dir})  [{result.seconds:.0f} s]")
+
+
+class _threads:
+    """``--threads N``: torch's intra-op threads inside the block, restored after."""
+
+    def __init__(self, n: Optional[int]) -> None:
+        if n is not None and n < 1:
+            raise KlasError(f"--threads must be a positive integer, got {n}")
+        self.n, self.old = n, None
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            import torch
+
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            import torch
+
+            torch.set_num_threads(self.old)
+
+
+@export_app.command("tree")
+def export_tree_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory written by klas tree."),
+    root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps demo weights."),
+) -> None:
+    """A Stitch Tree sweep's trade-off table, tradeoff.csv/json/png/svg and deployable trees (klas.load_tree)."""
+    from klas.export import export_tree
+
+    result = export_tree(run_dir, root=root, console=err)
+    out.print(result.table())
+    out.print(f"picture: {result.out_dir / 'tradeoff.png'}  table: {result.out_dir / 'tradeoff.csv'}  "
+              f"trees: {', '.join(str(result.out_dir / a) for a in result.artifacts.values())}")
 
 
 def _command_path(argv: list[str]) -> str:

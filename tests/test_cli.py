@@ -23,8 +23,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return done.value.code, out, err
 
 
-@pytest.mark.parametrize("argv", [["--help"], [], ["export"], ["train", "--help"], ["export", "pareto", "--help"]],
-                         ids=["help", "bare", "export", "train-help", "export-pareto-help"])
+@pytest.mark.parametrize("argv", [["--help"], [], ["export"], ["train", "--help"], ["export", "pareto", "--help"],
+                                  ["tree", "--help"], ["export", "tree", "--help"]],
+                         ids=["help", "bare", "export", "train-help", "export-pareto-help", "tree-help", "export-tree-help"])
 def test_help_exits_0_on_stdout(capsys, argv):
     code, out, err = run(capsys, *argv)
     assert code == 0 and "Usage: klas" in out and err == ""

@@ -22,8 +22,9 @@ RANK = {
     "score": 6, "select": 6,
     "run": 7,
     "search": 8, "train": 8,
-    "quality": 9, "export": 9, "heterogeneous": 9,
-    "cli": 10, "__main__": 11,
+    "quality": 9, "heterogeneous": 9, "tree": 9,  # the Stitch Tree stage trains with klas.train's core
+    "export": 10,
+    "cli": 11, "__main__": 12,
 }
 
 

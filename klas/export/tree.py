@@ -1,0 +1,212 @@
+"""``klas export tree RUN``: a Stitch Tree sweep's trade-off table, its picture and deployable trees.
+
+Writes ``RUN/export/`` (built under a temporary name, then moved into place):
+
+* ``tradeoff.csv`` / ``tradeoff.json``: per share point its cost (GFLOPs, fvcore convention), extra
+  cost over the largest single model, the system's top-1, the recovered gain and each branch's
+  fidelity; the floor (best single model) and the ceiling (all models separately) beside them;
+* ``tradeoff.png`` / ``.svg``: recovered gain against cost, with floor (0 %) and ceiling (100 %);
+* ``trees/s{share}/``: ``model.safetensors`` + ``config.json`` per tree. The weights are exactly what
+  the tree runs: the trunk model whole (``m0.*``), each other branch model's blocks from its cut and
+  its head (``m{i}.*``, its timm state-dict keys), each stitch module (``s{i}.*``).
+  :func:`load_tree` rebuilds it without network access (timm ``pretrained=False``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from klas.errors import KlasError
+from klas.export.artifact import _build, _create_kwargs, _load_part, _stitch_entry, _stitch_layer, used_state
+from klas.fs import DEFAULT_ROOT, DirLock, atomic_dir, atomic_path, claim_dir, write_json_atomic
+from klas.stitch.tree import StitchTree, TreeSpec
+from klas.tree import read_manifest, tradeoff_table, trained_tree
+from klas.units import FLOPS_CONVENTION
+
+TREE_FORMAT = "klas.tree-model/1"
+TRADEOFF_FORMAT = "klas.tradeoff/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CSV_COLUMNS = ("system", "share", "gflops", "macs", "extra_cost", "acc", "recovered", "latency_ms", "fidelity", "artifact")
+
+
+def save_tree(tree: StitchTree, out_dir: Path, arch: dict[str, str], info: dict[str, Any] | None = None) -> Path:
+    """Write ``tree`` to ``out_dir`` (``model.safetensors`` + ``config.json``, module docstring)."""
+    from safetensors.torch import save_file
+
+    spec = tree.spec
+    tensors: dict[str, torch.Tensor] = {}
+    models, stitches = [], []
+    cuts = {spec.trunk: None, **dict(spec.branches)}
+    for i, name in enumerate(spec.names):
+        a = tree.adapter(name)
+        role = "src" if name == spec.trunk else "dst"
+        for k, v in used_state(a, role, cuts[name]).items():
+            tensors[f"m{i}.{k}"] = v.detach().to("cpu").contiguous().clone()
+        models.append({"name": name, "arch": arch[name], "create_kwargs": _create_kwargs(a), "family": a.family,
+                       "num_blocks": a.num_blocks, "role": "trunk" if role == "src" else "branch", "cut": cuts[name]})
+    for i, (name, _) in enumerate(spec.branches):
+        layer = tree.stitch(name)
+        for k, v in layer.state_dict().items():
+            tensors[f"s{i}.{k}"] = v.detach().to("cpu").contiguous().clone()
+        stitches.append({"branch": name, **_stitch_entry(layer)})
+    config = {"format": TREE_FORMAT, "spec": spec.to_json(), "models": models, "stitches": stitches, **(info or {}),
+              "weights": WEIGHTS, "tensors": len(tensors),
+              "parameters": int(sum(t.numel() for t in tensors.values() if t.is_floating_point()))}
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": TREE_FORMAT})
+    write_json_atomic(out_dir / CONFIG, config)
+    return out_dir
+
+
+def load_tree(path: Path | str, device: str | torch.device = "cpu") -> StitchTree:
+    """Rebuild an exported tree (eval mode, no gradients): ``tree(images) -> {model: pre-logits features}``,
+    ``tree.outputs(images) -> {model: (logits, features)}``; it carries the artifact's ``config`` dict."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise KlasError(f"{path} is not an exported klas tree (needs {CONFIG} and {WEIGHTS}); run klas export tree RUN")
+    config = json.loads((path / CONFIG).read_text())
+    if config.get("format") != TREE_FORMAT:
+        raise KlasError(f"{path / CONFIG} is not a {TREE_FORMAT} config; export it with klas export tree RUN")
+    spec = TreeSpec.from_json(config["spec"])
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in load_file(str(path / WEIGHTS)).items():
+        prefix, _, rest = k.partition(".")
+        parts.setdefault(prefix, {})[rest] = v
+    adapters = {}
+    for i, entry in enumerate(config["models"]):
+        a = _build(entry)
+        _load_part(a, parts.get(f"m{i}", {}), "src" if entry["role"] == "trunk" else "dst", entry["cut"], path)
+        adapters[entry["name"]] = a
+    stitches = {}
+    for i, entry in enumerate(config["stitches"]):
+        layer = _stitch_layer(entry, path)
+        layer.load_state_dict(parts.get(f"s{i}", {}))
+        stitches[entry["branch"]] = layer
+    tree = StitchTree(spec, adapters, stitches).to(device).eval()
+    for p in tree.parameters():
+        p.requires_grad_(False)
+    tree.config = config
+    return tree
+
+
+@dataclass
+class TreeExport:
+    """What ``export_tree`` wrote."""
+
+    run_dir: Path
+    out_dir: Path
+    manifest: dict
+    files: list[Path] = field(default_factory=list)
+    artifacts: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> Table:
+        return tradeoff_table(self.manifest, title=f"{self.run_dir.name}: Stitch Tree trade-off")
+
+
+def tradeoff_rows(manifest: dict) -> list[dict]:
+    """The table's rows: every tree (cheapest first), then the floor and the ceiling."""
+    ref = manifest["reference"]
+    rows = []
+    for r in sorted(manifest["trees"], key=lambda r: r["macs"]):
+        fid = {n: {k: f[k] for k in ("cosine", "top1", "model_top1")} for n, f in r["fidelity"].items()}
+        rows.append({"system": f"tree s={r['share']}", "share": r["share"], "gflops": r["gflops"], "macs": r["macs"],
+                     "extra_cost": r["extra_cost"], "acc": r["acc"], "recovered": r["recovered"],
+                     "latency_ms": r.get("latency_ms"), "fidelity": fid, "spec": r["spec"]})
+    for key, name in (("floor", f"floor: {ref['floor']['model']}"), ("ceiling", "ceiling: all models separately")):
+        v = ref[key]
+        rows.append({"system": name, "share": None, "gflops": v["macs"] / 1e9, "macs": v["macs"], "extra_cost": v["extra_cost"],
+                     "acc": v["acc"], "recovered": 0.0 if key == "floor" else 1.0, "latency_ms": v.get("latency_ms"),
+                     "fidelity": None})
+    return rows
+
+
+def plot_tradeoff(manifest: dict, out_base: Path, title: str) -> list[Path]:
+    """``out_base``.png / .svg: recovered gain (%) against GFLOPs, floor and ceiling drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    ref = manifest["reference"]
+    trees = sorted(manifest["trees"], key=lambda r: r["macs"])
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=150)
+    ax.axhline(0, color="#dd8452", linestyle="--", linewidth=1.2,
+               label=f"floor: {ref['floor']['model']} alone ({100 * ref['floor']['acc']:.2f}%)")
+    ax.axhline(100, color="#55a868", linestyle="--", linewidth=1.2,
+               label=f"ceiling: all models separately ({100 * ref['ceiling']['acc']:.2f}%)")
+    ax.scatter([ref["floor"]["macs"] / 1e9], [0], s=90, marker="*", color="#dd8452", edgecolors="black", zorder=5)
+    ax.scatter([ref["ceiling"]["macs"] / 1e9], [100], s=90, marker="*", color="#55a868", edgecolors="black", zorder=5)
+    xs = [r["gflops"] for r in trees]
+    ys = [100 * r["recovered"] if r["recovered"] is not None and math.isfinite(r["recovered"]) else float("nan") for r in trees]
+    ax.plot(xs, ys, "-o", color="#4c72b0", zorder=4, label="Stitch Tree (trunk " + manifest["trunk"] + ")")
+    for r, x, y in zip(trees, xs, ys):
+        ax.annotate(f"s={r['share']} ({100 * r['acc']:.1f}%)", (x, y), xytext=(6, -12), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("GFLOPs (fvcore: 1 multiply-add = 1 FLOP)")
+    ax.set_ylabel("recovered gain (%) = (tree - floor) / (ceiling - floor)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    paths = []
+    for ext in ("png", "svg"):
+        p = out_base.with_suffix(f".{ext}")
+        fig.savefig(p)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def _csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else json.dumps(r[k]) if k == "fidelity" else r[k]) for k in CSV_COLUMNS})
+
+
+def export_tree(run_dir: Path | str, *, root: Path | None = None, device: str = "cpu",
+                console: Console | None = None) -> TreeExport:
+    """Write ``RUN/export/`` for a finished ``klas tree`` run (module docstring)."""
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    claim_dir(run_dir, "tree", "run directory")
+    result = TreeExport(run_dir, run_dir / "export", manifest)
+    with DirLock(run_dir, "run directory"), atomic_dir(run_dir / "export", overwrite=True) as tmp:
+        rows = tradeoff_rows(manifest)
+        loaded: dict = {}
+        for r in manifest["trees"]:
+            tree, row, arch = trained_tree(run_dir, r["share"], root=root or DEFAULT_ROOT, device=device, loaded=loaded)
+            rel = f"trees/s{r['share']}"
+            info = {"share": r["share"], "macs": row["macs"], "gflops": row["gflops"], "flops": FLOPS_CONVENTION,
+                    "accuracy": {"system_top1": row["acc"], "recovered": row["recovered"], "split": "eval",
+                                 "fidelity": row["fidelity"]}, "data_config": manifest["data_config"],
+                    "run": run_dir.name, "cache_fingerprint": manifest["cache"]["fingerprint"]}
+            save_tree(tree, tmp / rel, arch, info)
+            result.artifacts[r["share"]] = rel
+        for row in rows:
+            row["artifact"] = result.artifacts.get(row["share"])
+        _csv(tmp / "tradeoff.csv", rows)
+        write_json_atomic(tmp / "tradeoff.json", {"format": TRADEOFF_FORMAT, "run": run_dir.name, "trunk": manifest["trunk"],
+                                                   "flops": FLOPS_CONVENTION, "accuracy_unit": "fraction", "rows": rows})
+        plot_tradeoff(manifest, tmp / "tradeoff", f"{run_dir.name}: Stitch Tree, recovered gain vs cost")
+    result.files = [result.out_dir / n for n in ("tradeoff.csv", "tradeoff.json", "tradeoff.png", "tradeoff.svg")]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+__all__ = ["TreeExport", "export_tree", "load_tree", "plot_tradeoff", "save_tree", "tradeoff_rows"]

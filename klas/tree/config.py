@@ -1,0 +1,154 @@
+"""``TreeConfig``: every option of ``klas tree``, its documented default, validated once.
+
+Fields marked ``recipe`` decide the trained stitch layers: they are recorded in ``tree.json`` and in
+every checkpoint, and must match for ``--resume`` to continue one. The rest say how to run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from klas.errors import KlasError
+from klas.fs import DEFAULT_ROOT
+from klas.stitch.init import DEFAULT_INIT_IMAGES, DEFAULT_RIDGE
+from klas.stitch.layers import STITCH_KINDS
+from klas.stitch.tree import MATCHES
+
+
+def _recipe(default: Any) -> Any:
+    return field(default=default, metadata={"recipe": True})
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Options of one ``klas tree`` run; every value is checked in ``__post_init__``.
+
+    * ``trunk`` (None = the best-scored model, :mod:`klas.tree.choose`), ``share_at`` (None = auto:
+      ``points`` share points, the best-scored one per cost range) or a tuple of share points.
+    * ``match`` ("relative": each branch joins at the trunk's relative depth; "score": at the
+      representation with the lowest stitch score Γ from the trunk's share point).
+    * ``layer`` ("linear" | "mlp" | "lora"), least-squares init on ``init_images`` probe-train images.
+    * Training (Mai et al.): ``epochs`` (2) of final-feature matching (``ffm``: MSE of each branch's
+      pre-logits features to its model's own, label-free), then ``task_epochs`` (0) of cross-entropy on
+      the branches' logits; all branches of a tree train together on one pass of the trunk, models
+      frozen. AdamW ``lr`` (3e-3), ``weight_decay`` (0.05), ``warmup`` (0.1) then cosine, ``batch_size`` (64),
+      ``steps_per_epoch`` (None = one pass over probe-train).
+    * Scores: ``probe_epochs`` (10) for the per-block probes, ``temperature`` (1.0) of their softmax.
+    * ``seed`` (0): every random choice derives from it.
+    * ``resume`` / ``overwrite``; ``stop_after`` (None): return after this many epochs of this
+      invocation, leaving a checkpoint to resume; ``eval_batch_size`` (256); ``latency`` (True),
+      ``latency_batch`` (64), ``latency_repeats`` (5); ``device`` (None = CUDA when present); ``root``.
+    """
+
+    trunk: str | None = _recipe(None)
+    share_at: tuple[int, ...] | None = _recipe(None)
+    points: int = _recipe(3)
+    match: str = _recipe("relative")
+    layer: str = _recipe("linear")
+    epochs: int = _recipe(2)
+    task_epochs: int = _recipe(0)
+    steps_per_epoch: int | None = _recipe(None)
+    batch_size: int = _recipe(64)
+    lr: float = _recipe(3e-3)
+    weight_decay: float = _recipe(0.05)
+    warmup: float = _recipe(0.1)
+    init_images: int = _recipe(DEFAULT_INIT_IMAGES)
+    ridge: float = _recipe(DEFAULT_RIDGE)
+    probe_epochs: int = _recipe(10)
+    temperature: float = _recipe(1.0)
+    seed: int = _recipe(0)
+    resume: bool = False
+    overwrite: bool = False
+    stop_after: int | None = None
+    eval_batch_size: int = 256
+    latency: bool = True
+    latency_batch: int = 64
+    latency_repeats: int = 5
+    device: str | None = None
+    root: Path = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        for name in ("points", "batch_size", "init_images", "probe_epochs", "eval_batch_size", "latency_batch",
+                     "latency_repeats"):
+            self._int(name, 1)
+        for name in ("epochs", "task_epochs"):
+            self._int(name, 0)
+        if self.epochs + self.task_epochs < 1:
+            raise KlasError("--epochs plus --task-epochs must be at least 1: the stitch layers need training")
+        for name in ("steps_per_epoch", "stop_after"):
+            if getattr(self, name) is not None:
+                self._int(name, 1)
+        self._int("seed", None)
+        for name, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+                               ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"), ("ridge", lambda v: v >= 0, ">= 0"),
+                               ("temperature", lambda v: v > 0, "> 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
+                raise KlasError(f"{_flag(name)} must be a finite number {rule}, got {v!r}")
+        if self.layer not in STITCH_KINDS:
+            raise KlasError(f"unknown --layer {self.layer!r}; use one of {', '.join(STITCH_KINDS)}")
+        if self.match not in MATCHES:
+            raise KlasError(f"unknown --match {self.match!r}; use one of {', '.join(MATCHES)}")
+        if self.share_at is not None:
+            shares = tuple(self.share_at)
+            if not shares or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shares):
+                raise KlasError(f"--share-at must list block boundaries (integers) or be auto, got {self.share_at!r}")
+            if len(set(shares)) != len(shares):
+                raise KlasError(f"--share-at lists a share point twice: {','.join(map(str, shares))}")
+            object.__setattr__(self, "share_at", tuple(sorted(int(s) for s in shares)))
+        for name in ("resume", "overwrite", "latency"):
+            if not isinstance(getattr(self, name), bool):
+                raise KlasError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise KlasError("--resume continues a run and --overwrite starts it over; pass one of them")
+        object.__setattr__(self, "root", Path(self.root))
+
+    def _int(self, name: str, minimum: int | None) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (minimum is not None and v < minimum):
+            what = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise KlasError(f"{_flag(name)} must be {what}, got {v!r}")
+        object.__setattr__(self, name, int(v))
+
+    @classmethod
+    def recipe_keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("recipe"))
+
+    def recipe(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k in self.recipe_keys() for v in [getattr(self, k)]}
+
+    def with_overrides(self, **overrides: Any) -> "TreeConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise KlasError(f"unknown tree option(s) {', '.join(unknown)}; TreeConfig has {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.task_epochs
+
+    def loss_at(self, epoch: int) -> dict[str, float]:
+        """The loss of epoch ``epoch`` (1-based): ``ffm`` in the first ``epochs``, then ``ce``."""
+        return {"ffm": 1.0} if epoch <= self.epochs else {"ce": 1.0}
+
+
+def parse_share_at(text: str | None) -> tuple[int, ...] | None:
+    """``--share-at``: ``auto`` (or nothing) -> None; ``"2,4"`` -> ``(2, 4)``; else a one-line error."""
+    if text is None or text.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise KlasError(f"--share-at {text!r} is not a list of block boundaries; write e.g. --share-at 2,4 or auto") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+__all__ = ["TreeConfig", "parse_share_at"]
