@@ -210,7 +210,8 @@ def choose_variant(report: dict) -> dict:
     fams = [f for f in report["families"].values() if "variants" in f]
     if not fams:
         return {}
-    names = [n for n in fams[0]["variants"]["score"] if n != "cka"]
+    # variants every family has (pool=cls / pool=mean exist only where models cache several pools)
+    names = [n for n in fams[0]["variants"]["score"] if n != "cka" and all(n in f["variants"]["score"] for f in fams)]
     mean = {n: float(sum(f["variants"]["score"][n]["rho_in_range"] for f in fams) / len(fams)) for n in names}
     best = max(names, key=lambda n: (mean[n], n == "default"))
     return {"criterion": "mean over families of the score-split in-range Spearman rho(-Gamma, ground truth)",
@@ -227,12 +228,12 @@ def variants_table(report: dict) -> Table:
         t.add_column(f"{f['family']} score", justify="right")
         t.add_column(f"{f['family']} eval", justify="right")
     t.add_column("mean ρ score", justify="right")
-    for name in fams[0]["variants"]["score"]:
+    for name in dict.fromkeys(n for f in fams for n in f["variants"]["score"]):
         row = [name]
         for f in fams:
             for split in ("score", "eval"):
-                v = f["variants"][split][name]
-                row.append(f"{v['rho_in_range']:+.2f} / {_pct(v['recovery'], 0)} %")
+                v = f["variants"][split].get(name)
+                row.append(f"{v['rho_in_range']:+.2f} / {_pct(v['recovery'], 0)} %" if v else "-")
         mean = choice["score_mean_rho_in_range"].get(name)
         row.append(f"{mean:+.3f}" if mean is not None else "-")
         t.add_row(*row, style="bold" if name == choice["chosen"] else None)
