@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_scorer.py
 	$(PY) benchmarks/bench_search_scale.py
+	$(KLAS) zoo --model klas_vit_d4 --model klas_vit_d8
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_heterogeneous.py
 	$(PY) benchmarks/bench_recipe.py --run cache/runs/demo-vit

@@ -1,14 +1,17 @@
 """Does the search find good stitches? Ground truth over every candidate vs the selections of each strategy.
 
-    python benchmarks/bench_quality.py [--quick] [--families vit,cnn] [--random-init] [--out PATH]
+    python benchmarks/bench_quality.py [--quick] [--families vit,vit-depth,cnn] [--root ROOT] [--out PATH]
 
-For each demo family (``klas.zoo.FAMILIES``: the ViT trio and the ResNet pair, trained on the built-in
-``digits`` set) :func:`klas.quality.run_family` builds a cache, searches, brings every strategy
-(klas, snnet, cka, random) to klas's count K, trains the ground truth (every candidate) and each
-selection with the training core, and evaluates everything on the eval split; the method and the
-metric definitions (hypervolume, best accuracy at budgets, recovery, Spearman ρ) are in
-:mod:`klas.quality` and :mod:`klas.metrics`. This script parses arguments, prints the tables, writes
-``benchmarks/results/quality[.quick].json`` and plots the fronts beside it.
+For each family (``klas.zoo.FAMILIES`` and ``BENCH_FAMILIES``: the ViT trio, the ViT family of unequal
+depths and widths, the ResNet pair, trained on the built-in ``digits`` set; train the benchmark-only
+models first with ``klas zoo --model klas_vit_d4 --model klas_vit_d8``) :func:`klas.quality.run_family`
+builds a cache, searches, brings every strategy (klas, snnet, cka, random) to klas's count K, trains
+the ground truth (every candidate, one joint run) and each selection with ``klas train``'s recipe, and
+evaluates everything; then every Γ variant is re-scored against the stored ground truth, one variant
+is chosen on the score split (mean in-range ρ over the families) and reported on the eval split. The
+method and the metric definitions are in :mod:`klas.quality` and :mod:`klas.metrics`. This script
+parses arguments, prints the tables, writes ``benchmarks/results/quality[.quick].json`` and plots the
+fronts beside it.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from klas.metrics import pareto_front  # noqa: E402
 from klas.quality import BUDGET_QUANTILES, PAPER_RECOVERY, QualityConfig, run_family  # noqa: E402
-from klas.utils import DEFAULT_ROOT, FLOPS_CONVENTION, machine_info, package_versions, write_json_atomic  # noqa: E402
+from klas.utils import (  # noqa: E402
+    DEFAULT_ROOT, FLOPS_CONVENTION, machine_info, package_versions, read_json, write_json_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -40,7 +45,8 @@ Y_LABEL = "top-1 on eval split (%)"
 
 
 FULL = QualityConfig()
-QUICK = QualityConfig(limit=300, gt_steps=4, batch_size=16, buckets=10, bootstrap=200)
+QUICK = QualityConfig(limit=300, route_steps=4, batch_size=16, buckets=10, bootstrap=200)
+FAMILY_NAMES = ("vit", "vit-depth", "cnn")
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -82,7 +88,7 @@ def family_table(fam: dict) -> Table:
                   f"{rho[name]:+.3f}" if name in rho and math.isfinite(rho[name]) else "-")
     t.add_row("anchors only", "0", _hv(fam["anchors_only_hypervolume"], fam["anchors_only_hypervolume_ci95"]),
               _three(fam["anchors_only_best_at_budget"]), "", "", "", "", "", style="dim")
-    t.add_row("ground truth (every stitch, own FT)", str(fam["num_candidates"]),
+    t.add_row("ground truth (every stitch, one joint run)", str(fam["num_candidates"]),
               _hv(fam["ground_truth_hypervolume"], fam["ground_truth_hypervolume_ci95"]),
               _three(fam["ground_truth_best_at_budget"]),
               _hv(fam["ground_truth_hypervolume_stitches"], fam["ground_truth_hypervolume_stitches_ci95"]),
@@ -113,12 +119,12 @@ def plot(report: dict, path: Path) -> None:
         y_hi = min(100.0, max(shown + [100 * g["acc"] for g in gt]) + 1.5)
         below = sum(100 * g["acc"] < y_lo for g in gt)
         ax.scatter([g["gflops"] for g in gt], [max(100 * g["acc"], y_lo + 0.3) for g in gt], s=16, color="#c8c8c8",
-                   zorder=1, label=f"ground truth: every stitch ({len(gt)}), own fine-tune"
+                   zorder=1, label=f"ground truth: every stitch ({len(gt)}), one joint run"
                    + (f"; {below} below the axis, drawn at its foot" if below else ""))
         anchors_xy = sorted((a["gflops"], 100 * a["acc"]) for a in fam["anchors"])
         stair = pareto_front([{"id": i, "gflops": x, "acc": y} for i, (x, y) in enumerate(anchors_xy)], acc="acc")
         ax.step([p["gflops"] for p in stair] + [fam["range_gflops"][1]], [p["acc"] for p in stair] + [stair[-1]["acc"]],
-                where="post", color="black", linewidth=1.0, zorder=2, label="anchors only")
+                where="post", color="black", linewidth=1.0, zorder=2, label="original anchors only")
         for name, s in strategies.items():
             base = name.split("-")[0]
             rnd = base == "random"
@@ -159,8 +165,9 @@ def plot(report: dict, path: Path) -> None:
                      fontsize=9.5)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=6.8, framealpha=0.92)
-    fig.suptitle("Selected stitches after joint fine-tuning (equal K and steps) over the ground truth;\n"
-                 "a strategy's full front = the upper envelope of its line and the anchors' staircase;\n"
+    fig.suptitle("Selected stitches after klas train's joint recipe (equal K and steps; anchors fine-tuned) over the "
+                 "ground truth;\na strategy's full front also holds its own fine-tuned anchors (in its HV; stars: the "
+                 "original anchors);\n"
                  "dotted: budgets b1-b3; dash-dot: HV reference accuracy (cheapest anchor)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,67 +175,119 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _families():
+    from klas.zoo import BENCH_FAMILIES, FAMILIES
+
+    return {**FAMILIES, **BENCH_FAMILIES}
+
+
+DEFINITIONS = {
+    "front": "klas.metrics.pareto_front over the strategy's K stitches plus its own jointly trained anchors",
+    "hypervolume": ("HV = integral over [x_lo, x_hi] of max(0, f(x) - y_ref) dx / ((x_hi - x_lo) * (1 - y_ref)); f(x) = "
+                    "best accuracy among the front's networks costing <= x GFLOPs; x_lo / x_hi = cost of the cheapest / "
+                    "largest anchor; y_ref = the cheapest original anchor's eval accuracy; in [0, 1]"),
+    "best_at_budget": f"f(x_lo + q (x_hi - x_lo)) for q in {list(BUDGET_QUANTILES)}",
+    "hypervolume_stitches": "the same integral for the K selected stitches alone, y_ref = 0",
+    "spearman": ("scipy.stats.spearmanr over all candidates between the ground-truth accuracy and -Gamma resp. CKA "
+                 "similarity; *_in_range: only candidates inside the search's FLOPs range; spearman: eval split, "
+                 "spearman_score_split: score split"),
+    "recovery": ("klas's FLOPs buckets; a non-empty bucket is recovered if the strategy selected its ground-truth best "
+                 "stitch (ties: any); rate = recovered / non-empty"),
+    "recipe": ("klas train's defaults (TrainConfig): batch 64, AdamW lr 3e-3 (anchors 0.1x, fine-tuned and sampled as "
+               "routes), wd 0.05, 10 % warm-up + cosine, CE, least-squares init; R routes -> R * route_steps steps"),
+    "ground_truth": ("one joint run of the recipe over every candidate plus the anchors ((N + A) * route_steps steps), "
+                     "evaluated per candidate on the score split and the eval split"),
+    "joint": "each selection: same LS init, fresh original anchors, (K + A) * route_steps steps of the recipe",
+    "counts": "see strategies.*.how: all strategies are brought to klas's count K",
+    "variants": ("klas.quality.variants: Gamma under one changed choice each, rated against the stored ground truth "
+                 "(rho over all / in range, recovery of the bucket rule with that Gamma) on score and on eval; the "
+                 "variant with the highest mean score-split in-range rho over the families is the chosen one"),
+}
+
+
+def choose_variant(report: dict) -> dict:
+    """The Γ variant with the best mean in-range ρ on the score split over the families (eval untouched)."""
+    fams = [f for f in report["families"].values() if "variants" in f]
+    if not fams:
+        return {}
+    # variants every family has (pool=cls / pool=mean exist only where models cache several pools)
+    names = [n for n in fams[0]["variants"]["score"] if n != "cka" and all(n in f["variants"]["score"] for f in fams)]
+    mean = {n: float(sum(f["variants"]["score"][n]["rho_in_range"] for f in fams) / len(fams)) for n in names}
+    best = max(names, key=lambda n: (mean[n], n == "default"))
+    return {"criterion": "mean over families of the score-split in-range Spearman rho(-Gamma, ground truth)",
+            "score_mean_rho_in_range": mean, "chosen": best}
+
+
+def variants_table(report: dict) -> Table:
+    choice = report["variant_choice"]
+    fams = [f for f in report["families"].values() if "variants" in f]
+    t = Table(title=(f"Γ variants against the ground truth: ρ in range / recovery, score split (choose) | eval split "
+                     f"(report); chosen on score: {choice['chosen']}"))
+    t.add_column("variant")
+    for f in fams:
+        t.add_column(f"{f['family']} score", justify="right")
+        t.add_column(f"{f['family']} eval", justify="right")
+    t.add_column("mean ρ score", justify="right")
+    for name in dict.fromkeys(n for f in fams for n in f["variants"]["score"]):
+        row = [name]
+        for f in fams:
+            for split in ("score", "eval"):
+                v = f["variants"][split].get(name)
+                row.append(f"{v['rho_in_range']:+.2f} / {_pct(v['recovery'], 0)} %" if v else "-")
+        mean = choice["score_mean_rho_in_range"].get(name)
+        row.append(f"{mean:+.3f}" if mean is not None else "-")
+        t.add_row(*row, style="bold" if name == choice["chosen"] else None)
+    return t
+
+
+def _print_family(console: Console, fr: dict) -> None:
+    console.print(family_table(fr))
+    for name, st in fr["strategies"].items():
+        if "how" in st and not name.startswith("random-"):
+            console.print(f"  {name}: {st['how']}", markup=False, highlight=False)
+    for key, what in (("spearman", "eval"), ("spearman_score_split", "score")):
+        sp = fr[key]
+        console.print("  Spearman ({w}) over all {n} candidates: ρ(-Γ, GT) = {a:+.3f}, ρ(CKA, GT) = {b:+.3f}; in range: "
+                      "{c:+.3f} / {d:+.3f}".format(
+                          w=what, n=sp["neg_gamma_vs_gt"]["n"], a=sp["neg_gamma_vs_gt"]["rho"],
+                          b=sp["cka_similarity_vs_gt"]["rho"], c=sp["neg_gamma_vs_gt_in_range"]["rho"],
+                          d=sp["cka_similarity_vs_gt_in_range"]["rho"]), markup=False, highlight=False)
+    for name, st in fr["strategies"].items():
+        d, ds = st.get("klas_minus_this_hypervolume_ci95"), st.get("klas_minus_this_hypervolume_stitches_ci95")
+        if d and ds:
+            console.print(f"  klas - {name}: HV difference 95% CI [{d[0]:+.4f}, {d[1]:+.4f}], "
+                          f"HV stitches [{ds[0]:+.4f}, {ds[1]:+.4f}]", markup=False, highlight=False)
+
+
 def run(cfg: QualityConfig, families: Sequence[str], work: Path, out_json: Path, out_png: Path, *, command: str,
         quick: bool, root: Path = DEFAULT_ROOT, device: str | None = None, keep_cache: bool = False,
         console: Console | None = None) -> dict:
-    from klas.zoo import FAMILIES, stale_models
+    from klas.zoo import stale_models
 
+    known = _families()
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise SystemExit(f"unknown family {unknown[0]!r}; use {', '.join(known)}")
     console = console or Console(stderr=True, width=max(190, Console(stderr=True).width))
     if not cfg.random_init:
-        stale = stale_models(root, [m for f in families for m in FAMILIES[f]])
+        stale = stale_models(root, [m for f in families for m in known[f]])
         if stale:  # training them here would be timed as part of the benchmark
-            raise SystemExit(f"zoo models {', '.join(stale)} are missing or out of date; run `klas zoo` first")
+            raise SystemExit(f"zoo models {', '.join(stale)} are missing or out of date; run "
+                             f"`klas zoo --root {root} {' '.join('--model ' + m for m in stale)}` first")
     started = time.perf_counter()
-    info = machine_info()
     report = {
-        "command": command, "quick": quick, "config": asdict(cfg), "machine": info,
-        "flops": FLOPS_CONVENTION, "accuracy_unit": "fraction",
-        "definitions": {
-            "front": "klas.export.pareto_front over the strategy's K jointly fine-tuned stitches plus the anchors",
-            "hypervolume": ("HV = integral over [x_lo, x_hi] of (f(x) - y_ref) dx / ((x_hi - x_lo) * (1 - y_ref)); "
-                            "f(x) = best accuracy among the front's networks costing <= x GFLOPs; x_lo / x_hi = cost of "
-                            "the cheapest / largest anchor; reference point (x_hi, y_ref), y_ref = the cheapest anchor's "
-                            "eval accuracy; rectangle top = accuracy 1.0; in [0, 1]"),
-            "hypervolume_ci95": f"percentile bootstrap over eval images ({cfg.bootstrap} resamples, shared by all networks)",
-            "best_at_budget": f"f(x_lo + q (x_hi - x_lo)) for q in {list(BUDGET_QUANTILES)}",
-            "hypervolume_stitches": ("secondary: the same integral for the step function of the K selected stitches "
-                                     "alone (no anchors) with y_ref = 0: HV_s = integral over [x_lo, x_hi] of g(x) dx / "
-                                     "(x_hi - x_lo), g(x) = best accuracy among the selected stitches costing <= x, 0 "
-                                     "where none does; i.e. the mean over the range of the best stitch available"),
-            "best_stitch_at_budget": "g at the same three budgets (nan: no selected stitch that cheap)",
-            "spearman": ("scipy.stats.spearmanr over all candidate stitches between the ground-truth accuracy and -Gamma "
-                         "(neg_gamma) resp. CKA similarity = -(1 - CKA) (cka_similarity); *_in_range: only candidates "
-                         "inside the search's FLOPs range"),
-            "recovery": ("klas's FLOPs buckets (B equal-width over the search range); a non-empty bucket is recovered if "
-                         "the strategy selected its ground-truth best stitch (ties: any); rate = recovered / non-empty"),
-            "ground_truth": ("every candidate: least-squares init (klas train's, same images) + gt_steps AdamW steps on its "
-                             "stitch layer alone, same batches for all, klas train's recipe"),
-            "joint": "each selection: same LS init, then K * gt_steps steps of klas train --sampling uniform",
-            "counts": "see strategies.*.how: all strategies are brought to klas's count K",
-        },
-        "paper_recovery": {**PAPER_RECOVERY, "source": PAPER_SOURCE},
-        "families": {},
+        "command": command, "quick": quick, "config": asdict(cfg), "machine": machine_info(),
+        "flops": FLOPS_CONVENTION, "accuracy_unit": "fraction", "definitions": DEFINITIONS,
+        "paper_recovery": {**PAPER_RECOVERY, "source": PAPER_SOURCE}, "families": {},
     }
     for fam in families:
-        fr = run_family(fam, FAMILIES[fam], cfg, work / fam, root=root, device=device, keep_cache=keep_cache,
+        fr = run_family(fam, known[fam], cfg, work / fam, root=root, device=device, keep_cache=keep_cache,
                         say=lambda m: console.print(m, markup=False, highlight=False))
         report["families"][fam] = fr
-        console.print(family_table(fr))
-        for name, st in fr["strategies"].items():
-            if "how" in st and not name.startswith("random-"):
-                console.print(f"  {name}: {st['how']}", markup=False, highlight=False)
-        sp = fr["spearman"]
-        console.print("  Spearman over all {n} candidates: ρ(-Γ, GT) = {a:+.3f} (p = {pa:.2g}), ρ(CKA, GT) = {b:+.3f} "
-                      "(p = {pb:.2g}); in range: {c:+.3f} / {d:+.3f}".format(
-                          n=sp["neg_gamma_vs_gt"]["n"], a=sp["neg_gamma_vs_gt"]["rho"], pa=sp["neg_gamma_vs_gt"]["p"],
-                          b=sp["cka_similarity_vs_gt"]["rho"], pb=sp["cka_similarity_vs_gt"]["p"],
-                          c=sp["neg_gamma_vs_gt_in_range"]["rho"], d=sp["cka_similarity_vs_gt_in_range"]["rho"]),
-                      markup=False, highlight=False)
-        for name, st in fr["strategies"].items():
-            d, ds = st.get("klas_minus_this_hypervolume_ci95"), st.get("klas_minus_this_hypervolume_stitches_ci95")
-            if d and ds:
-                console.print(f"  klas - {name}: HV difference 95% CI [{d[0]:+.4f}, {d[1]:+.4f}], "
-                              f"HV stitches [{ds[0]:+.4f}, {ds[1]:+.4f}]", markup=False, highlight=False)
+        _print_family(console, fr)
+    report["variant_choice"] = choose_variant(report)
+    if report["variant_choice"]:
+        console.print(variants_table(report))
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["wall_s"] = time.perf_counter() - started
     report["versions"] = package_versions()
@@ -240,14 +299,41 @@ def run(cfg: QualityConfig, families: Sequence[str], work: Path, out_json: Path,
     return report
 
 
+def merge(parts: Sequence[Path], out_json: Path, command: str, console: Console | None = None) -> dict:
+    """One report from per-family reports of this script (families run one process each), with the Γ
+    variant chosen over all of them; the parts' commands and wall times are kept."""
+    console = console or Console(stderr=True, width=max(190, Console(stderr=True).width))
+    reports = [read_json(p, what="quality report") for p in parts]
+    report = {k: v for k, v in reports[0].items() if k not in ("families", "wall_s", "command", "variant_choice")}
+    report["command"] = command
+    report["parts"] = [{"path": str(p), "command": r["command"], "wall_s": r["wall_s"], "families": list(r["families"]),
+                        "load_average_at_end": r["machine"].get("load_average_at_end")} for p, r in zip(parts, reports)]
+    report["families"] = {name: fam for r in reports for name, fam in r["families"].items()}
+    report["wall_s"] = sum(r["wall_s"] for r in reports)
+    for fam in report["families"].values():
+        _print_family(console, fam)
+    report["variant_choice"] = choose_variant(report)
+    if report["variant_choice"]:
+        console.print(variants_table(report))
+    write_json_atomic(out_json, report)
+    plot(report, out_json.with_suffix(".png"))
+    console.print(f"wrote {out_json} and {out_json.with_suffix('.png')} ({report['wall_s']:.0f} s of family runs)")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge per-family reports of earlier runs into --out")
     ap.add_argument("--quick", action="store_true", help="reduced version (< 5 min): fewer images, steps, buckets")
-    ap.add_argument("--families", default="vit,cnn", help="comma-separated: vit, cnn")
+    ap.add_argument("--families", default=",".join(FAMILY_NAMES), help=f"comma-separated: {', '.join(FAMILY_NAMES)}")
+    ap.add_argument("--root", default=str(DEFAULT_ROOT), help="klas cache root holding the zoo and the digits data")
     ap.add_argument("--random-init", action="store_true", help="untrained models (development only)")
     ap.add_argument("--limit", type=int, help="images per split (default: all, 8626 / 2875 / 2875; quick 300)")
-    ap.add_argument("--gt-steps", type=int, help="ground-truth steps per stitch (default 24; quick 4)")
-    ap.add_argument("--batch-size", type=int, help="training batch (default 32; quick 16)")
+    ap.add_argument("--eval-limit", type=int, help="evaluate on the first N score / eval images (default: all)")
+    ap.add_argument("--route-steps", type=int, help="training steps per route (stitch or anchor) in every run (default 24; quick 4)")
+    ap.add_argument("--batch-size", type=int, help="training batch (default 64, klas train's; quick 16)")
+    ap.add_argument("--random-seeds", help="comma-separated seeds of the random baseline (default 0,1,2)")
+    ap.add_argument("--no-variants", action="store_true", help="skip the Γ variants")
     ap.add_argument("--buckets", type=int, help="FLOPs buckets (default 20; quick 10)")
     ap.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs")
     ap.add_argument("--work", default=None, help="scratch directory (default cache/bench-quality[-quick])")
@@ -258,18 +344,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality[.quick].json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
+    command = " ".join(["python", "benchmarks/bench_quality.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    if args.merge:
+        return merge([Path(p) for p in args.merge], Path(args.out) if args.out else RESULTS / "quality.json", command)
     cfg = QUICK if args.quick else FULL
-    over = {k: v for k, v in (("limit", args.limit), ("gt_steps", args.gt_steps), ("batch_size", args.batch_size),
-                              ("buckets", args.buckets), ("bootstrap", args.bootstrap)) if v is not None}
-    cfg = replace(cfg, random_init=args.random_init, **over)
+    over = {k: v for k, v in (("limit", args.limit), ("eval_limit", args.eval_limit), ("route_steps", args.route_steps),
+                              ("batch_size", args.batch_size), ("buckets", args.buckets), ("bootstrap", args.bootstrap))
+            if v is not None}
+    if args.random_seeds:
+        over["random_seeds"] = tuple(int(x) for x in args.random_seeds.split(","))
+    cfg = replace(cfg, random_init=args.random_init, variants=not args.no_variants, **over)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     suffix = ".quick" if args.quick else ""
     out_json = Path(args.out) if args.out else RESULTS / f"quality{suffix}.json"
     out_png = out_json.with_suffix(".png")
     work = Path(args.work) if args.work else DEFAULT_ROOT / f"bench-quality{'-quick' if args.quick else ''}"
-    command = " ".join(["python", "benchmarks/bench_quality.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    return run(cfg, families, work, out_json, out_png, command=command, quick=args.quick, device=args.device,
-               keep_cache=args.keep_cache)
+    return run(cfg, families, work, out_json, out_png, command=command, quick=args.quick, root=Path(args.root),
+               device=args.device, keep_cache=args.keep_cache)
 
 
 if __name__ == "__main__":

@@ -50,11 +50,12 @@ err = Console(stderr=True)
 def zoo(
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps its files; weights go to ROOT/zoo."),
     force: bool = typer.Option(False, "--force", help="Retrain even when weights exist."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="Train only these zoo models (repeatable), e.g. the quality benchmark's klas_vit_d4 / klas_vit_d8; default: the demo families."),
 ) -> None:
     """Train (or reuse) the demo model family on the built-in digits data, on CPU."""
     from klas.zoo import train_zoo
 
-    info = train_zoo(root=root, force=force, console=err)
+    info = train_zoo(root=root, names=model or None, force=force, console=err)
     table = Table(title=f"demo model family ({root / 'zoo'})", caption=FLOPS_CONVENTION)
     for col in ("model", "family", "params", "GFLOPs", "eval top-1", "train s"):
         table.add_column(col, justify="left" if col in ("model", "family") else "right")

@@ -63,7 +63,7 @@ class SearchResult:
         return sorted((r for r in self.rows if r["selected"]), key=lambda r: (r["macs"], r["id"]))
 
 
-def _probe_index(cache: Cache) -> list[tuple[str, int]]:
+def probe_index(cache: Cache) -> list[tuple[str, int]]:
     """(model, representation) of every probe, in bank order."""
     return [(m, r.index) for m in cache.model_names for r in cache.profiles[m].reps]
 
@@ -160,10 +160,10 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     stitches = enumerate_stitches(cache.profiles, inputs["direction"], inputs["layer"])
     console.print(report_table(compatibility_report(cache.profiles, inputs["direction"], inputs["layer"])))
     anchor_list = anchors(cache.profiles)
-    index = _probe_index(cache)
+    index = probe_index(cache)
     bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress)
     probe_accuracy = _probe_accuracy(cache, bank, score_feats, index, inputs["probe_target"])
-    th, sigma, gamma = _stitch_scores(theta, stitches, index)
+    th, sigma, gamma = stitch_scores(theta, stitches, index)
     cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
     budget_macs = _budget_macs(inputs["budget"])
     keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=gamma,
@@ -226,18 +226,18 @@ def _probe_accuracy(cache: Cache, bank: ProbeBank, score_feats: list[np.ndarray]
             for m in cache.model_names}
 
 
-def _positions(stitches: Sequence[Candidate], index: list[tuple[str, int]], dst_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def rep_positions(stitches: Sequence[Candidate], index: list[tuple[str, int]], dst_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Bank positions of each stitch's source representation and of its target's ``dst_cut + dst_offset``."""
     where = {key: p for p, key in enumerate(index)}
     return (np.array([where[(c.src, c.src_cut)] for c in stitches]),
             np.array([where[(c.dst, c.dst_cut + dst_offset)] for c in stitches]))
 
 
-def _stitch_scores(theta: np.ndarray, stitches: list[Candidate],
+def stitch_scores(theta: np.ndarray, stitches: list[Candidate],
                    index: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per stitch: Θ(a_src, b_dst), Σ = Θ(b_dst, b_dst+1) and Γ = Θ / max(Σ, floor)."""
-    t_idx, d_idx = _positions(stitches, index)
-    _, n_idx = _positions(stitches, index, dst_offset=1)
+    t_idx, d_idx = rep_positions(stitches, index)
+    _, n_idx = rep_positions(stitches, index, dst_offset=1)
     th = theta[t_idx, d_idx]
     sigma = theta[d_idx, n_idx]
     return th, sigma, th / np.maximum(sigma, SIGMA_FLOOR)
@@ -246,9 +246,9 @@ def _stitch_scores(theta: np.ndarray, stitches: list[Candidate],
 def cka_distance(cache: Cache, stitches: Sequence[Candidate], seed: int) -> np.ndarray:
     """1 - linear CKA between each stitch's source and target representations on the score split
     (``strategy="cka"``'s score, lower is better; the CKA subsample is seeded)."""
-    index = _probe_index(cache)
+    index = probe_index(cache)
     cka = score.linear_cka_matrix(_features(cache, "score", index), seed=seed).numpy()
-    t_idx, d_idx = _positions(stitches, index)
+    t_idx, d_idx = rep_positions(stitches, index)
     return 1.0 - cka[t_idx, d_idx]
 
 
@@ -325,4 +325,5 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
                         f"or --overwrite to replace it (its training and export go with it)")
 
 
-__all__ = ["PROBE_TARGETS", "STRATEGIES", "SearchResult", "cka_distance", "search"]
+__all__ = ["PROBE_TARGETS", "SIGMA_FLOOR", "STRATEGIES", "SearchResult", "cka_distance", "probe_index", "rep_positions", "search",
+           "stitch_scores"]

@@ -1,7 +1,8 @@
 """benchmarks/bench_quality.py end to end on a tiny random-init run, and its agreement with the library.
 
 The metrics and the exact-count selection rules are tested in tests/test_metrics.py and
-tests/test_select.py; this checks plumbing, not results: untrained models, 30 images per split, 2 steps.
+tests/test_select.py; this checks plumbing, not results: untrained models, 30 images per split, 2 steps
+per route. The Γ variants are scored (their default must be klas search's Γ).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def test_bench_quality_quick_random_init_agrees_with_klas(tmp_path):
     main = runpy.run_path(str(SCRIPT), run_name="bench_quality")["main"]
     out = tmp_path / "q.json"
-    report = main(["--quick", "--random-init", "--families", "cnn", "--limit", "30", "--gt-steps", "2",
+    report = main(["--quick", "--random-init", "--families", "cnn", "--limit", "30", "--route-steps", "2",
                    "--batch-size", "8", "--buckets", "6", "--bootstrap", "10", "--work", str(tmp_path / "work"),
                    "--out", str(out)])
     cfg = report["config"]
@@ -38,8 +39,14 @@ def test_bench_quality_quick_random_init_agrees_with_klas(tmp_path):
         assert len(s["best_at_budget"]) == 3
         if "selected" in s:
             assert len(s["selected"]) == k and len(set(s["selected"])) == k
-            assert s["joint_steps"] == k * cfg["gt_steps"]
+            assert s["routes"] == k + 2 and s["steps"] == (k + 2) * cfg["route_steps"]  # K stitches + 2 anchors
     assert fam["strategies"]["klas"]["paper_recovery"] == pytest.approx(0.889)
+    assert fam["ground_truth_run"]["steps"] == (fam["num_candidates"] + 2) * cfg["route_steps"]
+    assert all(0.0 <= g["acc_score"] <= 1.0 for g in fam["ground_truth"])
+    var = fam["variants"]
+    assert var["default_matches_search_max_rel_diff"] < 1e-3  # the variants' default is klas search's Γ
+    assert {"default", "T=2", "theta=reverse", "sigma=none", "probe_epochs=4", "cka"} <= set(var["score"])
+    assert report["variant_choice"]["chosen"] in var["score"]
     lo, hi = fam["range_gflops"]
     assert lo < hi and all(lo < b < hi for b in fam["budgets_gflops"])
 
@@ -60,13 +67,13 @@ def test_bench_quality_quick_random_init_agrees_with_klas(tmp_path):
             chosen = set(fam["strategies"]["snnet"]["selected"])
             assert own <= chosen if len(own) <= k else chosen <= own
 
-    # the joint fine-tuning is klas train's: same LS init, schedule, sampling and data order
-    res = train_run(tmp_path / "work" / "cnn" / "run-klas", epochs=1, steps_per_epoch=k * cfg["gt_steps"],
-                    batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup=cfg["warmup"],
-                    init_images=cfg["init_images"], eval_batch_size=cfg["eval_batch_size"], latency=False,
-                    full_tune=False,  # the benchmark trains the stitch layers only (anchors frozen)
-                    seed=cfg["seed"], overwrite=True, console=Console(file=io.StringIO()), progress=False)
-    ours = fam["strategies"]["klas"]["accuracy"]
+    # the training is klas train's default recipe (anchors fine-tuned and sampled as routes): same LS init,
+    # schedule, sampling and data order, only shorter
+    res = train_run(tmp_path / "work" / "cnn" / "run-klas", epochs=1, steps_per_epoch=(k + 2) * cfg["route_steps"],
+                    batch_size=cfg["batch_size"], init_images=cfg["init_images"], eval_batch_size=cfg["eval_batch_size"],
+                    latency=False, seed=cfg["seed"], overwrite=True, console=Console(file=io.StringIO()), progress=False)
+    assert res.config["full_tune"] and res.config["anchor_routes"] and res.config["lr"] == cfg["lr"]
+    ours = {**fam["strategies"]["klas"]["accuracy"], **fam["strategies"]["klas"]["anchor_accuracy"]}
+    assert len(res.rows) == len(ours)
     for row in res.rows:
-        if row["kind"] == "stitch":
-            assert row["acc_after"] == pytest.approx(ours[row["id"]], abs=1.5 / 30), row["id"]
+        assert row["acc_after"] == pytest.approx(ours[row["id"]], abs=1.5 / 30), row["id"]

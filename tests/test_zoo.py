@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 import klas.zoo
 from klas.errors import KlasError
 from klas.utils import sha256_file
-from klas.zoo import FAMILIES, ZOO_ARCHS, is_zoo_model, read_zoo, stale_models, train_zoo, zoo_dir
+from klas.zoo import DEMO_ARCHS, FAMILIES, ZOO_ARCHS, is_zoo_model, read_zoo, stale_models, train_zoo, zoo_dir
 
 
 @pytest.mark.parametrize("arch", ZOO_ARCHS)
@@ -57,7 +57,7 @@ def test_is_zoo_model():
 
 def test_read_zoo_before_training_is_empty(tmp_path):
     assert read_zoo(tmp_path) == {}
-    assert stale_models(tmp_path) == list(ZOO_ARCHS)
+    assert stale_models(tmp_path) == list(DEMO_ARCHS)  # plain `klas zoo` trains the demo families only
     assert zoo_dir(tmp_path) == tmp_path / "zoo"
 
 
@@ -143,3 +143,25 @@ def test_stale_records_are_detected(smoke_root):
     assert not _is_current("klas_vit_ti", rec, _recipe_for("klas_vit_ti"), fp, smoke_root)  # default recipe
     assert not _is_current("klas_vit_ti", rec, recipe, "0" * 64, smoke_root)  # other data
     assert stale_models(smoke_root, ["klas_vit_ti"]) == ["klas_vit_ti"]  # smoke weights are not the real ones
+
+
+def test_bench_family_has_unequal_depths_and_widths_and_is_not_trained_by_default():
+    from klas.zoo import BENCH_FAMILIES
+
+    models = [timm.create_model(a) for a in BENCH_FAMILIES["vit-depth"]]
+    depths, widths = [len(m.blocks) for m in models], [m.embed_dim for m in models]
+    assert depths == sorted(depths) and len(set(depths)) == 3 and widths == sorted(widths) and len(set(widths)) == 3
+    assert set(BENCH_FAMILIES["vit-depth"]) <= set(ZOO_ARCHS)
+    assert {"klas_vit_d4", "klas_vit_d8"}.isdisjoint(DEMO_ARCHS)  # `klas zoo` / `make demo` do not train them
+
+
+def test_cli_zoo_trains_the_demo_families_or_the_named_models(tmp_path, monkeypatch, capsys):
+    from klas.cli import main
+
+    calls = []
+    monkeypatch.setattr(klas.zoo, "train_zoo", lambda **kw: calls.append(kw) or {})
+    for argv in (["zoo", "--root", str(tmp_path)], ["zoo", "--root", str(tmp_path), "--model", "klas_vit_d4", "-m", "klas_vit_d8"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+    assert calls[0]["names"] is None and calls[1]["names"] == ["klas_vit_d4", "klas_vit_d8"]

@@ -20,12 +20,21 @@ from klas.utils import DEFAULT_ROOT, read_json, sha256_file
 from klas.zoo.models import arch_args  # importing klas.zoo.models registers the architectures with timm
 from klas.zoo.train import Recipe
 
-#: The demo families, smallest first.
+#: The demo families, smallest first (what ``klas zoo`` and ``make demo`` train).
 FAMILIES: dict[str, tuple[str, ...]] = {
     "vit": ("klas_vit_ti", "klas_vit_s", "klas_vit_b"),
     "cnn": ("klas_resnet_s", "klas_resnet_l"),
 }
-ZOO_ARCHS: tuple[str, ...] = tuple(a for members in FAMILIES.values() for a in members)
+#: Further families for the quality benchmark (``benchmarks/bench_quality.py``), trained only when named:
+#: ``klas zoo --model klas_vit_d4 --model klas_vit_d8``. ``vit-depth``: unequal depths (4 / 6 / 8) and widths.
+BENCH_FAMILIES: dict[str, tuple[str, ...]] = {
+    "vit-depth": ("klas_vit_d4", "klas_vit_s", "klas_vit_d8"),
+}
+#: What ``klas zoo`` trains without ``--model``.
+DEMO_ARCHS: tuple[str, ...] = tuple(a for members in FAMILIES.values() for a in members)
+#: Every architecture the zoo knows (demo first).
+ZOO_ARCHS: tuple[str, ...] = tuple(dict.fromkeys(
+    a for members in (*FAMILIES.values(), *BENCH_FAMILIES.values()) for a in members))
 
 #: Training recipe per model (see :class:`klas.zoo.train.Recipe`), sized so the whole zoo trains in about
 #: three minutes on a quiet 2-core CPU. ViTs learn slowly from scratch, so they get small batches and most
@@ -34,6 +43,8 @@ RECIPES: dict[str, Recipe] = {
     "klas_vit_ti": Recipe(epochs=8, batch_size=64, lr=1e-3),
     "klas_vit_s": Recipe(epochs=8, batch_size=64, lr=1e-3),
     "klas_vit_b": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_vit_d4": Recipe(epochs=8, batch_size=64, lr=1e-3),
+    "klas_vit_d8": Recipe(epochs=8, batch_size=64, lr=1e-3),
     "klas_resnet_s": Recipe(epochs=3, batch_size=128, lr=1.5e-3),
     "klas_resnet_l": Recipe(epochs=3, batch_size=128, lr=1.5e-3),
 }
@@ -92,7 +103,7 @@ def _is_current(arch: str, record: dict[str, Any] | None, recipe: Recipe, finger
 
 def _check_names(names: Iterable[str] | None) -> list[str]:
     if names is None:
-        return list(ZOO_ARCHS)
+        return list(DEMO_ARCHS)
     names = [n.split(".", 1)[0] for n in names]
     unknown = [n for n in names if n not in ZOO_ARCHS]
     if unknown:
@@ -107,7 +118,7 @@ def _digits_fingerprint() -> str:
 
 
 def stale_models(root: Path = DEFAULT_ROOT, names: Iterable[str] | None = None) -> list[str]:
-    """The zoo models (of ``names``, default all) that :func:`train_zoo` would (re)train with its defaults."""
+    """The zoo models (of ``names``, default the demo families') that :func:`train_zoo` would (re)train with its defaults."""
     index, fingerprint = read_zoo(root), _digits_fingerprint()
     return [a for a in _check_names(names) if not _is_current(a, index.get(a), _recipe_for(a), fingerprint, Path(root))]
 
@@ -123,7 +134,8 @@ def train_zoo(
     limit: int | None = None,
     threads: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Train the zoo models that are missing or stale (all of ``ZOO_ARCHS`` by default); return the index.
+    """Train the zoo models that are missing or stale (``DEMO_ARCHS`` by default, any of ``ZOO_ARCHS``
+    when named); return the index.
 
     A model is retrained when ``force`` is set, its weights are missing or do not match their recorded
     sha256, or its recorded architecture / recipe / data fingerprint differ from the current ones. ``epochs``,
@@ -173,6 +185,6 @@ def _weights_source(arch: str, root: Path) -> Path | None:
 register_weights_source(_weights_source)
 
 __all__ = [
-    "FAMILIES", "ZOO_ARCHS", "RECIPES", "SPLIT_SEED",
+    "BENCH_FAMILIES", "DEMO_ARCHS", "FAMILIES", "ZOO_ARCHS", "RECIPES", "SPLIT_SEED",
     "is_zoo_model", "zoo_dir", "read_zoo", "stale_models", "train_zoo", "zoo_weights",
 ]

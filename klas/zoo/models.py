@@ -1,12 +1,15 @@
 """The demo family as timm architectures: ``timm.create_model("klas_vit_ti")`` works once this is imported.
 
-Two families, sized for 32x32 inputs and CPU training:
+Two demo families and one benchmark family, sized for 32x32 inputs and CPU training:
 
 * ViT (DeiT-Ti/S/B analogue): ``klas_vit_ti`` / ``_s`` / ``_b``, timm ``VisionTransformer`` with a cls token,
   6 blocks each, widths 32 / 64 / 128 with 2 / 4 / 8 heads (head dim 16, like DeiT's fixed 64), 8x8
   patches -> 4x4 tokens.
 * CNN (ResNet-18/50 analogue): ``klas_resnet_s`` (BasicBlock, 2-2-2-2, widths 8-64) and ``klas_resnet_l``
   (Bottleneck, 3-4-6-3, widths 16-128, outputs 64-512), timm ``ResNet``.
+* ViT of unequal depths and widths (the quality benchmark's second family, not trained by ``make demo``):
+  ``klas_vit_d4`` (4 blocks, width 32, 2 heads), ``klas_vit_s`` (above: 6 blocks, width 64) and
+  ``klas_vit_d8`` (8 blocks, width 96, 6 heads); same patches, head dim and MLP ratio as the trio.
 
 The pretrained cfgs carry no url / hf_hub: the weights come from :func:`klas.zoo.zoo_weights`. With
 ``pretrained=True`` and no explicit file, the entrypoint points timm at those (training on first use).
@@ -24,8 +27,10 @@ VIT_ARGS: dict[str, dict[str, Any]] = {
     "klas_vit_ti": dict(embed_dim=32, num_heads=2),
     "klas_vit_s": dict(embed_dim=64, num_heads=4),
     "klas_vit_b": dict(embed_dim=128, num_heads=8),
+    "klas_vit_d4": dict(embed_dim=32, num_heads=2, depth=4),
+    "klas_vit_d8": dict(embed_dim=96, num_heads=6, depth=8),
 }
-#: Shared by the ViTs: 32x32 input, 8x8 patches (4x4 tokens + cls), 6 blocks, head dim 16, MLP ratio 4.
+#: Shared by the ViTs: 32x32 input, 8x8 patches (4x4 tokens + cls), 6 blocks (unless VIT_ARGS says), head dim 16, MLP ratio 4.
 VIT_COMMON: dict[str, Any] = dict(img_size=32, patch_size=8, depth=6, mlp_ratio=4.0, class_token=True, global_pool="token")
 
 #: ResNet-18 analogue at 1/8 of its width, ResNet-50 analogue at 1/4 (Bottleneck: outputs 4x wider).
@@ -110,6 +115,18 @@ def klas_vit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
 def klas_vit_b(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-B analogue for 32x32: width 128, 8 heads, 6 blocks."""
     return _create_vit("klas_vit_b", pretrained, **kwargs)
+
+
+@register_model
+def klas_vit_d4(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Shallow narrow ViT for 32x32: width 32, 2 heads, 4 blocks (benchmark family ``vit-depth``)."""
+    return _create_vit("klas_vit_d4", pretrained, **kwargs)
+
+
+@register_model
+def klas_vit_d8(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Deep wide ViT for 32x32: width 96, 6 heads, 8 blocks (benchmark family ``vit-depth``)."""
+    return _create_vit("klas_vit_d8", pretrained, **kwargs)
 
 
 @register_model

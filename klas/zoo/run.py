@@ -33,9 +33,9 @@ def _progress(console: Console) -> Progress:
 
 
 def _family(arch: str) -> str:
-    from klas.zoo import FAMILIES
+    from klas.zoo import BENCH_FAMILIES, FAMILIES
 
-    return next(f for f, members in FAMILIES.items() if arch in members)
+    return next(f for f, members in (*FAMILIES.items(), *BENCH_FAMILIES.items()) if arch in members)
 
 
 def _cost(arch: str, state: dict[str, Tensor], input_size: tuple[int, ...]) -> tuple[int, int]:
