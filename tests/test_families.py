@@ -146,3 +146,28 @@ def test_anchor_artifact_normalises_for_its_own_model(run):
     x_own = torch.stack([build_transform(own)(im) for im in images])
     with torch.no_grad():
         torch.testing.assert_close(model(x_shared), model.adapter.model(x_own), rtol=1e-4, atol=1e-4)
+
+
+def test_cache_of_one_shared_normalisation_is_rebuilt(tmp_path, monkeypatch):
+    """A cache an earlier klas wrote (every model fed the first one's mean/std, no per-model ``input``)
+    of models whose normalisations differ is rebuilt by the same command, without --overwrite."""
+    from klas.models import LoadedModel
+
+    quiet = Console(file=io.StringIO())
+    args = dict(limit=10, random_init=True, root=tmp_path, batch_size=10, progress=False, console=quiet,
+                splits=["eval"], preprocess={"input_size": [3, 32, 32]})
+    models = ["klas_t_eva", "klas_t_vit"]
+    feed = LoadedModel.feed
+    with monkeypatch.context() as m:  # what klas did before: one normalisation for all
+        m.setattr(LoadedModel, "feed", lambda self, shared, own=None: feed(self, shared, shared))
+        build_cache(models, "digits", tmp_path / "c", **args)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    for entry in manifest["models"]:
+        del entry["input"], entry["added_head"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    old = open_cache(tmp_path / "c")
+    assert old.model_input("klas_t_vit")["mean"] == list(IMAGENET["mean"])  # read as what it was: shared
+    assert build_cache(models, "digits", tmp_path / "c", **args).status == "written"
+    new = open_cache(tmp_path / "c")
+    assert new.fingerprint != old.fingerprint and new.model_input("klas_t_vit")["mean"] == list(CLIP["mean"])
+    assert build_cache(models, "digits", tmp_path / "c", **args).status == "up to date"
