@@ -128,7 +128,12 @@ def _classifier_outputs(arch: str, state: dict[str, torch.Tensor]) -> int | None
 
 
 def _create(arch: str, pretrained: bool, **kwargs) -> nn.Module:
-    model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+    except TypeError as exc:  # a family without drop-path (GhostNet, ...): built without it, then judged
+        if "drop_path_rate" not in str(exc):
+            raise
+        model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, **kwargs)
     adapter_class(model, arch)  # fail early, before any weights are read, for unsupported families
     return model
 
