@@ -79,7 +79,7 @@ def cache(
     workers: str = typer.Option("auto", "--workers", help="DataLoader worker processes: auto (min(8, CPUs) on CUDA, 0 on CPU) or a number."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     amp: str = typer.Option("off", help="Mixed precision on CUDA: off, auto (bf16 where supported, else fp16), bf16, fp16."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Override the shared preprocessing's image size (square)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="One image size (square) for all models; ViTs, Eva and Swin are resized to it (position embeddings resampled)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a klas cache of another configuration (never a directory klas did not create)."),
     verify: bool = typer.Option(False, "--verify", help="Check every file of a finished cache by sha256; alone with --out, only check."),
     seed: int = typer.Option(0, help="Seed of the split assignment."),

@@ -122,7 +122,7 @@ def test_torchrun_shards_equal_single_process(ref_cache, tmp_path):
     [
         (["--model", "resnet18", "--data", "/no/such/dir"], "not found"),
         (["--model", "resnt18", "--data", "digits"], "did you mean"),
-        (["--model", "mobilenetv3_small_050", "--data", "digits", "--random-init"], "unsupported architecture"),
+        (["--model", "ghostnet_050", "--data", "digits", "--random-init"], "unsupported architecture"),
         (["--model", "resnet18", "--model", "resnet18", "--data", "digits"], "give one an alias"),
         (["--model", "resnet18", "--data", "digits", "--split", "train"], "unknown split"),
         (["--model", "resnet18", "--data", "digits", "--random-init", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),

@@ -132,18 +132,30 @@ class Cache:
     # -- what later stages rebuild ----------------------------------------------------------------
     def load_models(self, device="cpu", root: Path = DEFAULT_ROOT) -> list[LoadedModel]:
         """The cached models with the same weights (checked by hash), profiled at the cached input size."""
-        size = tuple(self.manifest["data"]["preprocess"]["input_size"])
+        shared = self.manifest["data"]["preprocess"]
+        size = tuple(shared["input_size"])
+        classes = len(self.classes) if len(self.classes) >= 2 else None
         out = []
         for m in self.manifest["models"]:
             loaded = load_model(parse_spec(m["spec"]), random_init=m["random_init"], root=root,
-                                device=device, input_size=size)
+                                device=device, input_size=size, num_classes=classes)
             if loaded.weights_sha256 != m["weights_sha256"]:
                 raise KlasError(
                     f"weights of {m['name']} changed since cache {self.path} was written; "
                     "re-run klas cache with --overwrite"
                 )
+            loaded.feed(shared, self.model_input(m["name"]))
             out.append(loaded)
         return out
+
+    def model_input(self, name: str) -> dict:
+        """What model ``name`` saw: the shared resolution, resize and crop, with its own mean and std.
+        (Caches written before models had their own normalisation fed every model the shared one.)"""
+        shared = self.manifest["data"]["preprocess"]
+        seen = self.model(name).get("input")
+        if seen is None:
+            seen = {k: shared.get(k) for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")}
+        return seen
 
     def source(self, root: Path = DEFAULT_ROOT):
         """The data source the cache was made from, checked against its fingerprint."""

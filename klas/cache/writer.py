@@ -110,13 +110,25 @@ class _Job:
 UPGRADES = ("klas.cache/1",)
 
 
-def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], amp: str | None, fmt: str = FORMAT) -> str:
+#: Caches of klas.cache/2 written before each model had its own normalisation (every model saw the
+#: first model's mean and std): where that differs from what a model sees now, they are rebuilt.
+SHARED_NORMALISATION = "klas.cache/2, one normalisation"
+
+
+def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], amp: str | None, fmt: str = FORMAT,
+                 inputs: Sequence[dict] = ()) -> str:
+    """The configuration's hash; ``inputs`` (what each model sees) only counts where a model's
+    normalisation differs from the shared one, so caches of models that agree keep their fingerprint."""
+    shared = data["preprocess"]
+    own = {m.name: [i["mean"], i["std"]] for m, i in zip(loaded, inputs)
+           if fmt == FORMAT and [i["mean"], i["std"]] != [list(shared["mean"]), list(shared["std"])]}
     return sha256_json({
-        "format": fmt,
+        "format": FORMAT if fmt == SHARED_NORMALISATION else fmt,
         "models": [[str(m.spec), m.weights_sha256] for m in loaded],
         "data": {k: data[k] for k in ("fingerprint", "seed", "fractions", "limit", "preprocess")},
         "splits": list(splits),
         "amp": amp,
+        **({"normalisation": own} if own else {}),
     })
 
 
@@ -179,15 +191,22 @@ def _check_root(root: Path, data: str, specs: Sequence[ModelSpec], random_init: 
         ensure_writable_dir(zoo_dir(root), "--root")
 
 
-def _load_models(specs, preprocess, random_init, root, dev, seed) -> tuple[list[LoadedModel], dict]:
-    """Load every model at the shared input size; the preprocessing is the first model's, overridden."""
-    first = load_model(specs[0], random_init=random_init, root=root, device=dev, seed=seed)
+def _load_models(specs, preprocess, random_init, root, dev, seed, num_classes) -> tuple[list[LoadedModel], dict, list[dict]]:
+    """Load every model at the shared input size and let each normalise the shared pixels for itself.
+
+    The shared preprocessing (resolution, resize, crop, and the normalisation of the images every
+    model is fed) is the first model's timm data config, overridden by ``preprocess``; each model
+    converts those images to its own mean and std (:meth:`LoadedModel.feed`). Returns the models, the
+    shared config and what each model sees.
+    """
+    kw = dict(random_init=random_init, root=root, device=dev, seed=seed, num_classes=num_classes)
+    first = load_model(specs[0], **kw)
     config = {**first.data_config, **(preprocess or {})}
     size = tuple(config["input_size"])
     if size != tuple(first.data_config["input_size"]):
-        first = load_model(specs[0], random_init=random_init, root=root, device=dev, seed=seed, input_size=size)
-    rest = [load_model(s, random_init=random_init, root=root, device=dev, seed=seed, input_size=size) for s in specs[1:]]
-    return [first, *rest], config
+        first = load_model(specs[0], input_size=size, **kw)
+    loaded = [first, *(load_model(s, input_size=size, **kw) for s in specs[1:])]
+    return loaded, config, [m.feed(config) for m in loaded]
 
 
 def _read_dict(path: Path) -> dict | None:
@@ -213,6 +232,8 @@ def _existing(out: Path, fingerprints: dict[str, str], batch_size: int) -> tuple
             return "other", f"{out} holds an unreadable cache manifest; pass --overwrite to rebuild the cache"
         if old.get("format") != FORMAT and old.get("fingerprint") == fingerprints.get(old.get("format")):
             return "empty", ""
+        if old.get("fingerprint") == fingerprints[SHARED_NORMALISATION] != fingerprint:
+            return "empty", ""  # these models, fed one normalisation by an older klas: rebuilt with their own
         if old.get("format") != FORMAT:
             return "other", (f"{out} holds a cache in format {old.get('format')} of an older klas, without file "
                              f"checksums; pass --overwrite to rebuild it as {FORMAT}")
@@ -350,7 +371,9 @@ def build_cache(
     """Cache per-block pooled features and logits of ``models`` on ``data``; see docs/formats.md.
 
     ``preprocess`` overrides keys of the first model's timm data config (e.g. ``{"input_size": [3, 64, 64]}``);
-    all models see the same preprocessed pixels. Resumes a partial cache of the same configuration.
+    all models see the same pixels (resolution, resize, crop), each normalised with its own mean and
+    std (recorded per model as ``input`` in the manifest). A model without a classifier gets a seeded
+    linear head for the data's classes (``added_head``). Resumes a partial cache of the same configuration.
     ``workers``: DataLoader processes, ``"auto"`` (see :func:`klas.data.resolve_workers`) or a number.
     ``verify``: when the cache is already complete, check every file's sha256 (not only sizes and mtimes).
     ``on_loaded(profiles)``: called once on rank 0 when every model is loaded and profiled, before any
@@ -409,7 +432,8 @@ def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
     out = req.out
     source = open_source(req.data, root=req.root)
     split_defs = {k: v for k, v in make_splits(source, seed=req.seed, limit=req.limit).items() if k in req.splits}
-    loaded, config = _load_models(req.specs, req.preprocess, req.random_init, req.root, req.device, req.seed)
+    classes = len(source.classes) if len(source.classes) >= 2 else None
+    loaded, config, inputs = _load_models(req.specs, req.preprocess, req.random_init, req.root, req.device, req.seed, classes)
     if req.on_loaded is not None and rank == 0:
         req.on_loaded({m.name: m.profile for m in loaded})
     columns = [feature_columns(m) for m in loaded]
@@ -423,7 +447,8 @@ def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
         "fractions": [0.6, 0.2, 0.2],
         "limit": req.limit,
     }
-    fingerprints = {fmt: _fingerprint(loaded, data_info, req.splits, req.amp, fmt) for fmt in (FORMAT, *UPGRADES)}
+    fingerprints = {fmt: _fingerprint(loaded, data_info, req.splits, req.amp, fmt, inputs)
+                    for fmt in (FORMAT, SHARED_NORMALISATION, *UPGRADES)}
     fingerprint = fingerprints[FORMAT]
     if rank == 0:
         status = _prepare_dir(out, fingerprints, req.batch_size, req.overwrite)
@@ -440,7 +465,7 @@ def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
     dist_barrier()
     if rank != 0:
         return CacheSummary(out, images=images, status="shard")
-    _finish(job, split_defs, fingerprint, data_info, widths, columns, req.random_init)
+    _finish(job, split_defs, fingerprint, data_info, widths, columns, req.random_init, inputs)
     return _summary(open_cache(out), images, 0.0, status)
 
 
@@ -520,7 +545,7 @@ def _run_split(job: _Job, name: str, split, batches: list[int], bar, tasks, mode
     return images
 
 
-def _manifest_models(job: _Job, widths: list[int], columns: list, random_init: bool) -> list[dict]:
+def _manifest_models(job: _Job, widths: list[int], columns: list, random_init: bool, inputs: list[dict]) -> list[dict]:
     return [
         {
             "name": m.name,
@@ -531,16 +556,18 @@ def _manifest_models(job: _Job, widths: list[int], columns: list, random_init: b
             "weights_sha256": m.weights_sha256,
             "family": m.adapter.family,
             "num_classes": m.adapter.num_classes,
+            "added_head": bool(getattr(m.adapter.model, "klas_added_head", False)),
+            "input": seen,  # what the model saw: the shared resolution, resize and crop, its own mean and std
             "pool_names": list(m.adapter.pool_names),
             "feature_dim": w,
             "profile": m.profile.to_json(),
             "columns": cols,
         }
-        for m, w, cols in zip(job.loaded, widths, columns)
+        for m, w, cols, seen in zip(job.loaded, widths, columns, inputs)
     ]
 
 
-def _finish(job: _Job, split_defs: dict, fingerprint: str, data_info: dict, widths, columns, random_init) -> None:
+def _finish(job: _Job, split_defs: dict, fingerprint: str, data_info: dict, widths, columns, random_init, inputs) -> None:
     """Rank 0, after every rank's batches: check none is missing, checksum the arrays, write the manifest last."""
     out = job.out
     missing = {s: math.ceil(len(d.ids) / job.batch_size) - len(_done_batches(out, s)) for s, d in split_defs.items()}
@@ -549,7 +576,7 @@ def _finish(job: _Job, split_defs: dict, fingerprint: str, data_info: dict, widt
     manifest = {
         "format": FORMAT,
         "fingerprint": fingerprint,
-        "models": _manifest_models(job, widths, columns, random_init),
+        "models": _manifest_models(job, widths, columns, random_init, inputs),
         "data": data_info,
         "splits": {s: {"n": int(len(d.ids))} for s, d in split_defs.items()},
         "amp": job.amp,

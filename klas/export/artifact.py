@@ -42,9 +42,9 @@ def used_state(adapter: Adapter, role: str, cut: int | None) -> dict[str, torch.
         return dict(full)
     head = _ids(adapter.head_modules())
     if role == "src":
-        drop = _ids(adapter.blocks[cut:]) | head
+        drop = (_ids(adapter.blocks[cut:]) | head) - _ids(adapter.shared_modules())
         return {k: v for k, v in full.items() if id(v) not in drop}
-    keep = _ids(adapter.blocks[cut:]) | head
+    keep = _ids(adapter.blocks[cut:]) | head | _ids(adapter.shared_modules())
     return {k: v for k, v in full.items() if id(v) in keep}
 
 
@@ -57,8 +57,10 @@ def _create_kwargs(adapter: Adapter) -> dict[str, Any]:
 
 
 def _model_entry(arch: str, adapter: Adapter, cut: int | None) -> dict[str, Any]:
+    """``input_norm``: the model converts the network's input (normalised with ``given``) to its own
+    normalisation (``own``); None when the two agree."""
     return {"arch": arch, "create_kwargs": _create_kwargs(adapter), "family": adapter.family,
-            "num_blocks": adapter.num_blocks, "cut": cut}
+            "num_blocks": adapter.num_blocks, "cut": cut, "input_norm": adapter.input_norm}
 
 
 def _stitch_entry(layer: nn.Module) -> dict[str, Any]:
@@ -133,7 +135,11 @@ def _build(entry: dict[str, Any]) -> Adapter:
     if not timm.is_model(arch):
         raise KlasError(f"architecture {arch!r} is not known to this timm ({timm.__version__}); install a timm that has it")
     model = timm.create_model(arch, pretrained=False, drop_rate=0.0, drop_path_rate=0.0, **entry.get("create_kwargs", {}))
-    return adapt(model.eval(), arch)
+    adapter = adapt(model.eval(), arch)
+    norm = entry.get("input_norm")
+    if norm:
+        adapter.set_input_norm((norm["given"]["mean"], norm["given"]["std"]), (norm["own"]["mean"], norm["own"]["std"]))
+    return adapter
 
 
 def _load_part(adapter: Adapter, state: dict[str, torch.Tensor], role: str, cut: int | None, where: Path) -> None:

@@ -3,7 +3,10 @@ from klas.models.adapters import (
     SUPPORTED_FAMILIES,
     Adapter,
     ConvNeXtAdapter,
+    EvaAdapter,
+    LevitAdapter,
     ResNetAdapter,
+    StagedAdapter,
     SwinAdapter,
     ViTAdapter,
     adapt,
@@ -15,7 +18,8 @@ from klas.models.load import (
 from klas.models.profile import Profile, Rep, count_macs, profile_adapter
 
 __all__ = [
-    "SUPPORTED_FAMILIES", "Adapter", "ConvNeXtAdapter", "ResNetAdapter", "SwinAdapter", "ViTAdapter",
+    "SUPPORTED_FAMILIES", "Adapter", "ConvNeXtAdapter", "EvaAdapter", "LevitAdapter", "ResNetAdapter",
+    "StagedAdapter", "SwinAdapter", "ViTAdapter",
     "adapt", "adapter_class", "LoadedModel", "ModelSpec", "build_model", "data_config_of", "load_model",
     "parse_spec", "register_weights_source", "Profile", "Rep", "count_macs", "profile_adapter",
 ]

@@ -29,7 +29,7 @@ from torch import nn
 from klas.errors import KlasError
 from klas.models.adapters import Adapter, adapt, adapter_class
 from klas.models.profile import Profile, profile_adapter
-from klas.utils import DEFAULT_ROOT, sha256_file, sha256_state_dict
+from klas.utils import DEFAULT_ROOT, sha256_file, sha256_json, sha256_state_dict
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 #: What an alias may hold: no ``:``, ``=``, ``/`` or ``->`` (they delimit specs, stitch ids and paths).
@@ -128,13 +128,42 @@ def _classifier_outputs(arch: str, state: dict[str, torch.Tensor]) -> int | None
 
 
 def _create(arch: str, pretrained: bool, **kwargs) -> nn.Module:
-    model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+    except TypeError as exc:  # a family without drop-path (GhostNet, ...): built without it, then judged
+        if "drop_path_rate" not in str(exc):
+            raise
+        model = timm.create_model(arch, pretrained=pretrained, drop_rate=0.0, **kwargs)
     adapter_class(model, arch)  # fail early, before any weights are read, for unsupported families
     return model
 
 
-def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT_ROOT, seed: int = 0) -> tuple[nn.Module, str]:
-    """The eval-mode model for a spec and a hash of its weights."""
+def _add_head(model: nn.Module, spec: ModelSpec, num_classes: int | None, seed: int) -> bool:
+    """Give a model without a classifier (timm's ``num_classes=0``: DINOv2, SigLIP, DINOv3, EVA-02
+    backbones) a new linear head for ``num_classes`` classes, seeded by its name; whether it did."""
+    if num_classes is None or num_classes < 2 or int(getattr(model, "num_classes", 1)) != 0:
+        return False
+    torch.manual_seed(seed ^ zlib.crc32(f"{spec.name}/head".encode()))
+    model.reset_classifier(num_classes)
+    return True
+
+
+def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT_ROOT, seed: int = 0,
+                num_classes: int | None = None) -> tuple[nn.Module, str]:
+    """The eval-mode model for a spec and a hash of its weights.
+
+    ``num_classes``: the data's class count; a model without a classifier gets a new, seeded linear
+    head of that size (``model.klas_added_head`` says so), so that it has logits to stitch and train.
+    """
+    model, digest = _build_model(spec, random_init, root, seed)
+    if _add_head(model, spec, num_classes, seed):
+        model.klas_added_head = True
+        model.eval()
+        digest = sha256_json([digest, sha256_state_dict(model.state_dict())])
+    return model, digest
+
+
+def _build_model(spec: ModelSpec, random_init: bool, root: Path, seed: int) -> tuple[nn.Module, str]:
     if random_init:  # seeded by name: two aliases of one architecture get different weights
         torch.manual_seed(seed ^ zlib.crc32(spec.name.encode()))
         model = _create(spec.arch, pretrained=False)
@@ -179,6 +208,21 @@ def _first_mismatch(exc: RuntimeError) -> str:
     return "tensor shapes differ"
 
 
+def _set_input_size(model: nn.Module, arch: str, size: tuple[int, ...], native: tuple[int, ...]) -> None:
+    """Rebuild a model's position embeddings (ViT, Eva, Swin: timm's ``set_input_size``, which resamples
+    them) for another resolution, and remember it for export (``klas_create_kwargs``). Convolutional
+    models take any size as they are."""
+    if tuple(size[1:]) == tuple(native[1:]) or not hasattr(model, "set_input_size"):
+        return
+    try:
+        model.set_input_size(img_size=tuple(size[1:]))
+    except Exception as exc:  # e.g. a Swin window that does not divide the new grid
+        why = (str(exc).splitlines() or [""])[0][:120]
+        raise KlasError(f"{arch} cannot be resized to {list(size[1:])} ({exc.__class__.__name__}: {why}); "
+                        "pick an --input-size its patch and window sizes divide") from None
+    model.klas_create_kwargs = {**(getattr(model, "klas_create_kwargs", None) or {}), "img_size": list(size[1:])}
+
+
 @dataclass
 class LoadedModel:
     """An adapted model with everything a stage needs to know about it."""
@@ -192,6 +236,18 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def feed(self, shared: dict, own: dict | None = None) -> dict:
+        """Let this model take images preprocessed with ``shared`` (a timm data config), normalising
+        them for itself with ``own``'s mean and std (default: the model's own data config).
+
+        Returns what the model then sees: the shared resolution, resize and crop with its own
+        mean and std (recorded per model in the cache manifest).
+        """
+        own = own or self.data_config
+        self.adapter.set_input_norm((shared["mean"], shared["std"]), (own["mean"], own["std"]))
+        return {**{k: shared.get(k) for k in ("input_size", "interpolation", "crop_pct", "crop_mode")},
+                "mean": list(own["mean"]), "std": list(own["std"])}
 
 
 def data_config_of(model: nn.Module) -> dict:
@@ -207,20 +263,23 @@ def load_model(
     device: torch.device | str = "cpu",
     seed: int = 0,
     input_size: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
 ) -> LoadedModel:
     """Build, adapt and profile one model; always eval mode with dropout and drop-path off.
 
     Costs are measured at ``input_size`` (default: the model's own data config), the resolution the
-    model will actually see.
+    model will actually see; a ViT, Eva or Swin built for another resolution is resized to it
+    (timm's ``set_input_size`` resamples the position embeddings). ``num_classes``: see :func:`build_model`.
     """
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    model, digest = build_model(spec, random_init=random_init, root=root, seed=seed)
+    model, digest = build_model(spec, random_init=random_init, root=root, seed=seed, num_classes=num_classes)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = adapt(model, spec.arch)
     cfg = data_config_of(model)
     size = tuple(input_size or cfg["input_size"])
+    _set_input_size(model, spec.arch, size, tuple(cfg["input_size"]))
+    adapter = adapt(model, spec.arch)
     try:
         profile = profile_adapter(adapter, size)
     except KlasError:
@@ -228,6 +287,6 @@ def load_model(
     except Exception as exc:  # e.g. a ViT built for another resolution
         raise KlasError(
             f"{spec.arch} does not accept inputs of size {list(size)} ({exc.__class__.__name__}); "
-            "use models that share an input size or override the preprocessing"
+            "pick an --input-size the model's patch, window or stride grid divides"
         ) from exc
     return LoadedModel(spec, adapter, profile, digest, cfg)
