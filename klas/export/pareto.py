@@ -108,12 +108,17 @@ def plot_front(rows: list[dict], front: list[dict], out_base: Path, *, title: st
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    return save_figure(fig, out_base)
+
+
+def save_figure(fig, out_base: Path) -> list[Path]:
+    """``out_base``.png and .svg of a matplotlib figure (laid out tightly), then the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        p = out_base.with_suffix(f".{ext}")
+    paths = [out_base.with_suffix(f".{ext}") for ext in ("png", "svg")]
+    for p in paths:
         fig.savefig(p)
-        paths.append(p)
     plt.close(fig)
     return paths
 

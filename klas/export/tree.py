@@ -27,6 +27,7 @@ from rich.table import Table
 
 from klas.errors import KlasError
 from klas.export.artifact import _build, _create_kwargs, _load_part, _stitch_entry, _stitch_layer, used_state
+from klas.export.pareto import save_figure
 from klas.fs import DEFAULT_ROOT, DirLock, atomic_dir, atomic_path, claim_dir, write_json_atomic
 from klas.stitch.tree import StitchTree, TreeSpec
 from klas.tree import read_manifest, tradeoff_table, trained_tree
@@ -160,14 +161,7 @@ def plot_tradeoff(manifest: dict, out_base: Path, title: str) -> list[Path]:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        p = out_base.with_suffix(f".{ext}")
-        fig.savefig(p)
-        paths.append(p)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_base)
 
 
 def _csv(path: Path, rows: list[dict]) -> None:

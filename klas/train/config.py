@@ -8,13 +8,12 @@ must match for ``--resume`` to continue a checkpoint. The rest say how to run (d
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from klas.errors import KlasError
+from klas.settings import Settings, flag, recipe_field
 from klas.fs import DEFAULT_ROOT
 from klas.optim import AMP_CHOICES
 from klas.stitch.init import DEFAULT_INIT_IMAGES, DEFAULT_RIDGE
@@ -27,12 +26,8 @@ INITS = ("ls", "random")
 TEACHERS = ("target", "largest")
 
 
-def _recipe(default: Any) -> Any:
-    return field(default=default, metadata={"recipe": True})
-
-
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Options of one training run (``klas train``); every value is checked in ``__post_init__``.
 
     * ``epochs`` (5): passes over the probe-train split; ``steps_per_epoch`` (None = ceil(N / global batch)).
@@ -72,28 +67,30 @@ class TrainConfig:
       ``preload_limit_gb`` (2.0), ``workers`` (0, DataLoader workers when a split is streamed).
     """
 
-    epochs: int = _recipe(5)
-    steps_per_epoch: int | None = _recipe(None)
-    batch_size: int = _recipe(64)
-    lr: float = _recipe(3e-3)  # bench_recipe: 3e-3 beat 1e-3 on the score split (HV 0.333 vs 0.308)
-    weight_decay: float = _recipe(0.05)
-    warmup: float = _recipe(0.1)
-    loss: str = _recipe("ce")
-    teacher: str = _recipe("target")
-    first_loss: str = _recipe("ffm")
-    first_epochs: int = _recipe(0)
-    sampling: str = _recipe("uniform")
+    _what = "training option"
+
+    epochs: int = recipe_field(5)
+    steps_per_epoch: int | None = recipe_field(None)
+    batch_size: int = recipe_field(64)
+    lr: float = recipe_field(3e-3)  # bench_recipe: 3e-3 beat 1e-3 on the score split (HV 0.333 vs 0.308)
+    weight_decay: float = recipe_field(0.05)
+    warmup: float = recipe_field(0.1)
+    loss: str = recipe_field("ce")
+    teacher: str = recipe_field("target")
+    first_loss: str = recipe_field("ffm")
+    first_epochs: int = recipe_field(0)
+    sampling: str = recipe_field("uniform")
     # Defaults from benchmarks/bench_recipe.py on the demo ViT family (README "Which training recipe?"):
     # frozen anchors put 0 of 22 stitches on the front, joint training with anchor routes 6.
-    full_tune: bool = _recipe(True)
-    anchor_lr_scale: float = _recipe(0.1)
-    anchor_routes: bool | None = _recipe(None)
-    layer: str | None = _recipe(None)
-    init: str = _recipe("ls")
-    init_images: int = _recipe(DEFAULT_INIT_IMAGES)
-    ridge: float = _recipe(DEFAULT_RIDGE)
-    temperature: float = _recipe(1.0)
-    seed: int = _recipe(0)
+    full_tune: bool = recipe_field(True)
+    anchor_lr_scale: float = recipe_field(0.1)
+    anchor_routes: bool | None = recipe_field(None)
+    layer: str | None = recipe_field(None)
+    init: str = recipe_field("ls")
+    init_images: int = recipe_field(DEFAULT_INIT_IMAGES)
+    ridge: float = recipe_field(DEFAULT_RIDGE)
+    temperature: float = recipe_field(1.0)
+    seed: int = recipe_field(0)
     resume: bool = False
     overwrite: bool = False
     stop_after: int | None = None
@@ -132,39 +129,14 @@ class TrainConfig:
         self._choice("amp", AMP_CHOICES)
         if self.layer is not None:
             self._choice("layer", STITCH_KINDS)
-        for name in ("full_tune", "resume", "overwrite", "latency") + (("anchor_routes",) if self.anchor_routes is not None else ()):
-            if not isinstance(getattr(self, name), bool):
-                raise KlasError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        self._bool("full_tune", "resume", "overwrite", "latency", *(("anchor_routes",) if self.anchor_routes is not None else ()))
         if self.anchor_routes and not self.full_tune:
             raise KlasError("--anchor-routes trains the anchors as routes of their own; it needs --full-tune")
         parse_loss(self.loss)  # a KlasError naming the bad term
         parse_loss(self.first_loss, flag="--first-loss")
         object.__setattr__(self, "root", Path(self.root))
 
-    # -- validation helpers -----------------------------------------------------------------------
-    def _int(self, name: str, minimum: int | None) -> None:
-        v = getattr(self, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (minimum is not None and v < minimum):
-            what = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise KlasError(f"{_flag(name)} must be {what}, got {v!r}")
-        object.__setattr__(self, name, int(v))
-
-    def _number(self, name: str, rule: str, ok) -> None:
-        v = getattr(self, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
-            raise KlasError(f"{_flag(name)} must be a finite number {rule}, got {v!r}")
-
-    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
-        v = getattr(self, name)
-        if v not in choices:
-            raise KlasError(f"unknown {_flag(name)} {v!r}; use one of {', '.join(choices)}")
-
     # -- derived ----------------------------------------------------------------------------------
-    @classmethod
-    def recipe_keys(cls) -> tuple[str, ...]:
-        """Fields that decide the trained weights: recorded, hashed, and compared on ``--resume``."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("recipe"))
-
     @property
     def loss_weights(self) -> dict[str, float]:
         """``loss`` parsed (:func:`klas.train.losses.parse_loss`)."""
@@ -193,18 +165,6 @@ class TrainConfig:
     def recipe(self) -> dict[str, Any]:
         """The ``recipe`` fields as a dict (call on a :meth:`resolved` config for the manifest)."""
         return {k: getattr(self, k) for k in self.recipe_keys()}
-
-    def with_overrides(self, **overrides: Any) -> "TrainConfig":
-        """A copy with some fields replaced (validated again); unknown names are a KlasError."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise KlasError(f"unknown training option(s) {', '.join(unknown)}; TrainConfig has {', '.join(sorted(names))}")
-        return dataclasses.replace(self, **overrides)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 __all__ = ["INITS", "SAMPLINGS", "TEACHERS", "TrainConfig"]

@@ -5,26 +5,21 @@ every checkpoint, and must match for ``--resume`` to continue one. The rest say 
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from klas.errors import KlasError
+from klas.settings import Settings, flag, recipe_field
 from klas.fs import DEFAULT_ROOT
 from klas.stitch.init import DEFAULT_INIT_IMAGES, DEFAULT_RIDGE
 from klas.stitch.layers import STITCH_KINDS
 from klas.stitch.tree import MATCHES
 
 
-def _recipe(default: Any) -> Any:
-    return field(default=default, metadata={"recipe": True})
-
-
 @dataclass(frozen=True)
-class TreeConfig:
+class TreeConfig(Settings):
     """Options of one ``klas tree`` run; every value is checked in ``__post_init__``.
 
     * ``trunk`` (None = the best-scored model, :mod:`klas.tree.choose`), ``share_at`` (None = auto:
@@ -44,23 +39,25 @@ class TreeConfig:
       ``latency_batch`` (64), ``latency_repeats`` (5); ``device`` (None = CUDA when present); ``root``.
     """
 
-    trunk: str | None = _recipe(None)
-    share_at: tuple[int, ...] | None = _recipe(None)
-    points: int = _recipe(3)
-    match: str = _recipe("relative")
-    layer: str = _recipe("linear")
-    epochs: int = _recipe(2)
-    task_epochs: int = _recipe(0)
-    steps_per_epoch: int | None = _recipe(None)
-    batch_size: int = _recipe(64)
-    lr: float = _recipe(3e-3)
-    weight_decay: float = _recipe(0.05)
-    warmup: float = _recipe(0.1)
-    init_images: int = _recipe(DEFAULT_INIT_IMAGES)
-    ridge: float = _recipe(DEFAULT_RIDGE)
-    probe_epochs: int = _recipe(10)
-    temperature: float = _recipe(1.0)
-    seed: int = _recipe(0)
+    _what = "tree option"
+
+    trunk: str | None = recipe_field(None)
+    share_at: tuple[int, ...] | None = recipe_field(None)
+    points: int = recipe_field(3)
+    match: str = recipe_field("relative")
+    layer: str = recipe_field("linear")
+    epochs: int = recipe_field(2)
+    task_epochs: int = recipe_field(0)
+    steps_per_epoch: int | None = recipe_field(None)
+    batch_size: int = recipe_field(64)
+    lr: float = recipe_field(3e-3)
+    weight_decay: float = recipe_field(0.05)
+    warmup: float = recipe_field(0.1)
+    init_images: int = recipe_field(DEFAULT_INIT_IMAGES)
+    ridge: float = recipe_field(DEFAULT_RIDGE)
+    probe_epochs: int = recipe_field(10)
+    temperature: float = recipe_field(1.0)
+    seed: int = recipe_field(0)
     resume: bool = False
     overwrite: bool = False
     stop_after: int | None = None
@@ -86,13 +83,9 @@ class TreeConfig:
         for name, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
                                ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"), ("ridge", lambda v: v >= 0, ">= 0"),
                                ("temperature", lambda v: v > 0, "> 0")):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
-                raise KlasError(f"{_flag(name)} must be a finite number {rule}, got {v!r}")
-        if self.layer not in STITCH_KINDS:
-            raise KlasError(f"unknown --layer {self.layer!r}; use one of {', '.join(STITCH_KINDS)}")
-        if self.match not in MATCHES:
-            raise KlasError(f"unknown --match {self.match!r}; use one of {', '.join(MATCHES)}")
+            self._number(name, rule, ok)
+        self._choice("layer", STITCH_KINDS)
+        self._choice("match", MATCHES)
         if self.share_at is not None:
             shares = tuple(self.share_at)
             if not shares or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shares):
@@ -100,33 +93,13 @@ class TreeConfig:
             if len(set(shares)) != len(shares):
                 raise KlasError(f"--share-at lists a share point twice: {','.join(map(str, shares))}")
             object.__setattr__(self, "share_at", tuple(sorted(int(s) for s in shares)))
-        for name in ("resume", "overwrite", "latency"):
-            if not isinstance(getattr(self, name), bool):
-                raise KlasError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        self._bool("resume", "overwrite", "latency")
         if self.resume and self.overwrite:
             raise KlasError("--resume continues a run and --overwrite starts it over; pass one of them")
         object.__setattr__(self, "root", Path(self.root))
 
-    def _int(self, name: str, minimum: int | None) -> None:
-        v = getattr(self, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (minimum is not None and v < minimum):
-            what = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise KlasError(f"{_flag(name)} must be {what}, got {v!r}")
-        object.__setattr__(self, name, int(v))
-
-    @classmethod
-    def recipe_keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("recipe"))
-
     def recipe(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k in self.recipe_keys() for v in [getattr(self, k)]}
-
-    def with_overrides(self, **overrides: Any) -> "TreeConfig":
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise KlasError(f"unknown tree option(s) {', '.join(unknown)}; TreeConfig has {', '.join(sorted(names))}")
-        return dataclasses.replace(self, **overrides)
 
     @property
     def total_epochs(self) -> int:
@@ -145,10 +118,6 @@ def parse_share_at(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise KlasError(f"--share-at {text!r} is not a list of block boundaries; write e.g. --share-at 2,4 or auto") from None
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 __all__ = ["TreeConfig", "parse_share_at"]
