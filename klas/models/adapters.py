@@ -39,6 +39,17 @@ class _Chain(nn.Module):
         return self.second(self.first(x))
 
 
+def _fold_downsamples(stages) -> list[nn.Module]:
+    """The blocks of timm stages that each hold ``downsample`` + ``blocks``, the downsample folded into
+    its stage's first block (so every block boundary is a representation of one shape)."""
+    blocks: list[nn.Module] = []
+    for stage in stages:
+        inner = list(stage.blocks)
+        blocks.append(_Chain(stage.downsample, inner[0]))
+        blocks.extend(inner[1:])
+    return blocks
+
+
 def _as_channels(values: Sequence[float]) -> Tensor:
     """A per-channel constant (3 floats) as a float32 (1, C, 1, 1) tensor."""
     return torch.tensor([float(v) for v in values], dtype=torch.float32).view(1, -1, 1, 1)
@@ -220,12 +231,7 @@ class SwinAdapter(Adapter):
     layout = "nhwc"
 
     def _split_blocks(self) -> list[nn.Module]:
-        blocks: list[nn.Module] = []
-        for stage in self.model.layers:
-            inner = list(stage.blocks)
-            blocks.append(_Chain(stage.downsample, inner[0]))
-            blocks.extend(inner[1:])
-        return blocks
+        return _fold_downsamples(self.model.layers)
 
     def _stem(self, x: Tensor) -> Tensor:
         x = self.model.patch_embed(x)
@@ -279,12 +285,7 @@ class ConvNeXtAdapter(Adapter):
     layout = "nchw"
 
     def _split_blocks(self) -> list[nn.Module]:
-        blocks: list[nn.Module] = []
-        for stage in self.model.stages:
-            inner = list(stage.blocks)
-            blocks.append(_Chain(stage.downsample, inner[0]))
-            blocks.extend(inner[1:])
-        return blocks
+        return _fold_downsamples(self.model.stages)
 
     def _stem(self, x: Tensor) -> Tensor:
         return self.model.stem(x)
@@ -382,12 +383,7 @@ class LevitAdapter(Adapter):
         self.layout = "nchw" if model.use_conv else "tokens"  # an instance attribute: one class, two layouts
 
     def _split_blocks(self) -> list[nn.Module]:
-        blocks: list[nn.Module] = []
-        for stage in self.model.stages:
-            inner = list(stage.blocks)
-            blocks.append(_Chain(stage.downsample, inner[0]))
-            blocks.extend(inner[1:])
-        return blocks
+        return _fold_downsamples(self.model.stages)
 
     def _stem(self, x: Tensor) -> Tensor:
         x = self.model.stem(x)
