@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from klas.cache import build_cache, open_cache, pooled_forward
+from klas.cli import main as cli_main
 from klas.errors import KlasError
 from klas.models import load_model
 
@@ -128,11 +129,18 @@ def test_torchrun_shards_equal_single_process(ref_cache, tmp_path):
         (["--model", "resnet18", "--data", "digits", "--random-init", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
-    done = subprocess.run(_cli("cache", *args, "--out", str(tmp_path / "c"), cwd=tmp_path), capture_output=True, text=True)
-    assert done.returncode == 2
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    """In process through the CLI's entry point (klas.cli.main); the first case also as a real
+    subprocess, the way a user runs it, to tie the two."""
+    argv = ["cache", *args, "--out", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in stderr and "Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if line.strip()]) == 1, stderr
+    if message == "not found":
+        done = subprocess.run(_cli(*argv, cwd=tmp_path), capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr == stderr
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
