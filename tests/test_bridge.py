@@ -25,19 +25,24 @@ ARCHS = {  # name: (timm arch, kwargs)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def models() -> dict[str, LoadedModel]:
+def loaded_models(archs: dict[str, tuple[str, dict]], size: int) -> dict[str, LoadedModel]:
+    """Seeded random-init timm models (frozen, 10 classes) at ``size``, as klas loads them, keyed by alias."""
     out = {}
-    for i, (name, (arch, kw)) in enumerate(ARCHS.items()):
+    for i, (name, (arch, kw)) in enumerate(archs.items()):
         torch.manual_seed(i)
         model = timm.create_model(arch, pretrained=False, num_classes=10, **kw).eval()
         model.klas_create_kwargs = kw  # what an exported artifact rebuilds it with
         for p in model.parameters():
             p.requires_grad_(False)
         adapter = adapt(model, arch)
-        cfg = {**data_config_of(model), "input_size": [3, SIZE, SIZE]}
-        out[name] = LoadedModel(ModelSpec(arch, alias=name), adapter, profile_adapter(adapter, (3, SIZE, SIZE)), "x", cfg)
+        cfg = {**data_config_of(model), "input_size": [3, size, size]}
+        out[name] = LoadedModel(ModelSpec(arch, alias=name), adapter, profile_adapter(adapter, (3, size, size)), "x", cfg)
     return out
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, LoadedModel]:
+    return loaded_models(ARCHS, SIZE)
 
 
 def _spec(a: str, i: int, b: str, j: int) -> StitchSpec:

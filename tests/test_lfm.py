@@ -2,18 +2,23 @@
 least-squares init is exactly its minimiser, for every stitch layer kind (tiny random-init timm models)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
-from klas.models import LoadedModel, ModelSpec, adapt, data_config_of, profile_adapter
-from klas.stitch.bridge import BridgedStitch
-from klas.stitch.init import least_squares_init
-from klas.stitch.network import StitchNet, StitchSpec, stitch_id
-from klas.train import Objective, parse_loss, train_step
-from klas.train.forward import group_outputs, match_needs, needs_of, target_groups
-from klas.train.losses import stitch_loss
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bridge import loaded_models  # noqa: E402
+
+from klas.models import LoadedModel  # noqa: E402
+from klas.stitch.bridge import BridgedStitch  # noqa: E402
+from klas.stitch.init import least_squares_init  # noqa: E402
+from klas.stitch.network import StitchNet, StitchSpec, stitch_id  # noqa: E402
+from klas.train import Objective, parse_loss, train_step  # noqa: E402
+from klas.train.forward import group_outputs, match_needs, needs_of, target_groups  # noqa: E402
+from klas.train.losses import stitch_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -29,16 +34,7 @@ BRIDGED = [("vit", 1, "cnn", 1), ("cnn", 1, "vit", 2)]
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, LoadedModel]:
-    out = {}
-    for i, (name, (arch, kw)) in enumerate(ARCHS.items()):
-        torch.manual_seed(i)
-        model = timm.create_model(arch, pretrained=False, num_classes=10, **kw).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        adapter = adapt(model, arch)
-        cfg = {**data_config_of(model), "input_size": [3, SIZE, SIZE]}
-        out[name] = LoadedModel(ModelSpec(arch, alias=name), adapter, profile_adapter(adapter, (3, SIZE, SIZE)), "x", cfg)
-    return out
+    return loaded_models(ARCHS, SIZE)
 
 
 def _net(models, pairs, kind: str) -> StitchNet:
