@@ -142,6 +142,7 @@ def search_cmd(
     probe_target: str = typer.Option("labels", "--probe-target", help="labels (cross-entropy) or model (the model's own softmax: label-free)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature T of the probe distributions."),
     probe_epochs: int = typer.Option(10, "--probe-epochs"),
+    score: str = typer.Option("gamma", help="What klas ranks by: gamma (Θ/Σ, the paper's) or theta (Θ alone; ranked better on 2 of 3 families in bench_quality)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: cache/runs/<cache>-<strategy>)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -153,8 +154,8 @@ def search_cmd(
 
     result = search(
         cache_dir, run, budget=budget, strategy=strategy, buckets=buckets, tau=tau, direction=direction,
-        probe_target=probe_target, temperature=temperature, probe_epochs=probe_epochs, seed=seed, device=device,
-        overwrite=overwrite, console=err,
+        probe_target=probe_target, temperature=temperature, probe_epochs=probe_epochs, score=score, seed=seed,
+        device=device, overwrite=overwrite, console=err,
     )
     show = err if as_json else out
     if probe_target == "labels":
@@ -169,7 +170,8 @@ def search_cmd(
     sel = result.selection
     title = (f"{len(sel['stitches'])} of {sel['num_candidates']} stitches selected by {strategy}"
              + (f" under {budget:g} GFLOPs" if budget is not None else ""))
-    table = Table(title=title, caption=f"{FLOPS_CONVENTION}. Γ = Θ(a_i, b_j) / Θ(b_j, b_j+1), lower is better.")
+    table = Table(title=title, caption=f"{FLOPS_CONVENTION}. Γ = Θ(a_i, b_j) / Θ(b_j, b_j+1), lower is better."
+                  + (" Selected by Θ alone (--score theta)." if score == "theta" else ""))
     for col in ("route", "GFLOPs", "params", "Θ", "Γ", "bucket"):
         table.add_column(col, justify="left" if col == "route" else "right")
     for r in result.selected:

@@ -43,6 +43,9 @@ from klas.stitch.layers import STITCH_KINDS
 from klas.utils import DEFAULT_ROOT, package_versions, resolve_device, sha256_json
 
 PROBE_TARGETS = ("labels", "model")
+#: What ``strategy="klas"`` ranks by: the paper's Γ = Θ / Σ, or Θ alone (benchmarks/bench_quality.py,
+#: README "Does it work?": Θ alone ranked better on two of its three families; Γ stays the default).
+SCORES = ("gamma", "theta")
 SIGMA_FLOOR = 1e-8
 CHUNK = 2048
 
@@ -78,8 +81,12 @@ def _budget_macs(budget: float | None) -> float | None:
     return budget * 1e9 if budget is not None else None
 
 
-def _check_options(temperature: float, probe_epochs: int, direction: str, layer: str) -> None:
+def _check_options(temperature: float, probe_epochs: int, direction: str, layer: str, score: str, strategy: str) -> None:
     """One-line errors, each naming its own option, before anything is read or written."""
+    if score not in SCORES:
+        raise KlasError(f"unknown --score {score!r}; use one of {', '.join(SCORES)}")
+    if score != "gamma" and strategy != "klas":
+        raise KlasError(f"--score {score} ranks klas's selection; drop it or use --strategy klas (not {strategy})")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise KlasError(f"--temperature must be a positive number, got {temperature}")
     if not (isinstance(probe_epochs, int) and probe_epochs >= 1):
@@ -121,6 +128,7 @@ def search(
     temperature: float = 1.0,
     probe_epochs: int = 10,
     layer: str = "linear",
+    score: str = "gamma",
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
@@ -130,13 +138,14 @@ def search(
     """Score every binary stitch between the cached models and select the ones worth training.
 
     ``budget`` is in GFLOPs (fvcore convention: one multiply-add = one FLOP); only stitches at or
-    under it are kept, by every strategy. Writes ``run_dir`` (default ``cache/runs/<cache>-<strategy>``,
+    under it are kept, by every strategy. ``score`` is what ``strategy="klas"`` ranks by: ``"gamma"``
+    (Γ = Θ / Σ, the paper's) or ``"theta"`` (Θ alone). Writes ``run_dir`` (default ``cache/runs/<cache>-<strategy>``,
     see docs/formats.md) and returns the same content. ``run_dir`` is checked, claimed and locked
     before any probe is trained (:mod:`klas.run`).
     """
     start = time.perf_counter()
     check_selection_args(strategy, buckets, tau, budget)
-    _check_options(temperature, probe_epochs, direction, layer)
+    _check_options(temperature, probe_epochs, direction, layer, score, strategy)
     dev = resolve_device(device)
     cache = open_cache(cache_path)
     _check_cache(cache, probe_target)
@@ -147,6 +156,7 @@ def search(
         "cache": cache.fingerprint, "budget": budget, "strategy": strategy, "buckets": buckets, "tau": tau,
         "direction": direction, "probe_target": probe_target, "temperature": temperature,
         "probe_epochs": probe_epochs, "layer": layer, "seed": seed,
+        **({"score": score} if score != "gamma" else {}),  # runs made before --score keep their inputs hash
     }
     claim_run(run_dir)
     with DirLock(run_dir, "--run"):
@@ -166,7 +176,8 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     th, sigma, gamma = stitch_scores(theta, stitches, index)
     cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
     budget_macs = _budget_macs(inputs["budget"])
-    keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=gamma,
+    ranked = th if inputs.get("score") == "theta" else gamma
+    keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=ranked,
                           cka_distance=cka_dist, budget_macs=budget_macs, buckets=inputs["buckets"],
                           tau=inputs["tau"], seed=inputs["seed"])
     rows = _rows(stitches, anchor_list, th, sigma, gamma, cka_dist, keep, bucket, inputs["strategy"], budget_macs)
@@ -325,5 +336,5 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
                         f"or --overwrite to replace it (its training and export go with it)")
 
 
-__all__ = ["PROBE_TARGETS", "SIGMA_FLOOR", "STRATEGIES", "SearchResult", "cka_distance", "probe_index", "rep_positions", "search",
+__all__ = ["PROBE_TARGETS", "SCORES", "SIGMA_FLOOR", "STRATEGIES", "SearchResult", "cka_distance", "probe_index", "rep_positions", "search",
            "stitch_scores"]
