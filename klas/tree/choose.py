@@ -23,9 +23,8 @@ import torch
 
 from klas import probes, score
 from klas.errors import KlasError
+from klas.search import SIGMA_FLOOR, probe_index
 from klas.stitch.tree import TreeSpec, tree_cost, tree_spec
-
-SIGMA_FLOOR = 1e-8
 
 
 @dataclass
@@ -49,7 +48,7 @@ def block_scores(cache, *, probe_epochs: int, temperature: float, seed: int, dev
     missing = [s for s in ("probe-train", "score", "eval") if s not in cache.splits]
     if missing:
         raise KlasError(f"cache {cache.path} lacks split {', '.join(missing)}; re-run klas cache with --split probe-train,score,eval")
-    index = [(m, r.index) for m in cache.model_names for r in cache.profiles[m].reps]
+    index = probe_index(cache)
     train = [cache.rep_features("probe-train", m, r) for m, r in index]
     bank = probes.train_probes(train, np.array(cache.labels("probe-train")), len(cache.classes), epochs=probe_epochs,
                                seed=seed, device=device, progress=progress)
