@@ -20,6 +20,7 @@ from rich.table import Table
 
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT, format_bytes
+from klas.term import make_console
 from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE
 
 try:  # typer >= 0.22 carries its own copy of click
@@ -42,8 +43,8 @@ app = typer.Typer(
 export_app = typer.Typer(help="Export results of a trained run.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 
 @app.command()

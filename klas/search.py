@@ -40,6 +40,7 @@ from klas.select import STRATEGIES, check_budget, check_selection_args, select
 from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
 from klas.stitch.report import compatibility_report, report_table
 from klas.stitch.layers import STITCH_KINDS
+from klas.term import make_console
 from klas.utils import DEFAULT_ROOT, package_versions, resolve_device, sha256_json
 
 PROBE_TARGETS = ("labels", "model")
@@ -161,7 +162,7 @@ def search(
     claim_run(run_dir)
     with DirLock(run_dir, "--run"):
         _check_run_dir(run_dir, sha256_json(inputs), overwrite)
-        return _search_locked(cache, run_dir, inputs, dev, start, console or Console(stderr=True), progress)
+        return _search_locked(cache, run_dir, inputs, dev, start, console or make_console(stderr=True), progress)
 
 
 def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device, start: float, console: Console,

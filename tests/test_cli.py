@@ -92,3 +92,26 @@ def test_train_flags_map_one_to_one_onto_train_config(capsys, monkeypatch, tmp_p
                      (["--loss", "lfm=-2"], "loss weight for lfm must be a non-negative")):
         code, out, err = run(capsys, "train", str(tmp_path / "nowhere"), *bad)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and re.search(msg, err), err
+
+
+def test_tables_keep_whole_names_when_output_is_not_a_terminal():
+    """Piped or redirected, rich would lay tables out for 80 columns and squeeze names to 'klas_vi…'."""
+    import io
+    import os
+
+    from rich.table import Table
+
+    from klas.term import LOG_WIDTH, make_console
+
+    table = Table()
+    for col in ("route", "GFLOPs", "params", "Θ", "Γ", "bucket", "top-1 before %", "top-1 after %", "latency ms"):
+        table.add_column(col)
+    route = "klas_vit_ti[0..4] -> klas_vit_s[4..5]"
+    table.add_row(route, "0.0030", "0.17M", "0.6544", "2.605", "1", "60.1", "77.5", "10.04")
+    buf = io.StringIO()
+    make_console(file=buf).print(table)
+    assert route in buf.getvalue()
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-c", "from klas.cli import out, err; print(out.width, err.width)"],
+                          capture_output=True, text=True, env=env)
+    assert done.stdout.split() == [str(LOG_WIDTH)] * 2, done.stderr

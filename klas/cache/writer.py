@@ -47,6 +47,7 @@ from klas.fs import (
 )
 from klas.models import LoadedModel, ModelSpec, Profile, load_model, parse_spec
 from klas.optim import AMP_DTYPES, autocast, parse_amp
+from klas.term import make_console
 from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
 
 PROGRESS_DIR = ".progress"
@@ -397,7 +398,7 @@ def build_cache(
             claim_dir(out, "cache", "--out", legacy=recognise_cache)
             stack.enter_context(DirLock(out, "--out"))  # held for the whole build: one writer per cache
             _check_root(root, req.data, specs, random_init)
-        summary = _build(req, console or Console(stderr=True), progress and rank == 0)
+        summary = _build(req, console or make_console(stderr=True), progress and rank == 0)
     summary.seconds = time.perf_counter() - start
     return summary
 

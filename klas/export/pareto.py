@@ -24,6 +24,7 @@ from klas.fs import DEFAULT_ROOT, atomic_dir, read_json, write_json_atomic
 from klas.run import (
     EXPORT, RESULTS, TRAIN_MANIFEST, check_same_selection, read_selection, run_writer, selection_hash,
 )
+from klas.term import make_console
 from klas.units import FLOPS_CONVENTION
 from klas.metrics import is_finite, pareto_front
 
@@ -163,7 +164,7 @@ def export_pareto(
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     selection = read_selection(run_dir)
     if onnx and not models:
         raise KlasError("--onnx exports the front's models; pass --models too")

@@ -43,6 +43,7 @@ from klas.run import (
     EXPORT, SELECTION, TRAIN_MANIFEST, discard, open_run_cache, read_selection, run_writer, stitch_specs,
 )
 from klas.stitch.network import StitchNet, StitchSpec, route_string
+from klas.term import make_console
 from klas.train.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from klas.train.config import INITS, SAMPLINGS, TrainConfig
 from klas.train.core import (
@@ -533,7 +534,7 @@ def train_run(run_dir: Path | str, config: TrainConfig | None = None, *, console
     t_start = time.perf_counter()
     cfg = (config or TrainConfig()).with_overrides(**overrides) if overrides else (config or TrainConfig())
     run_dir = Path(run_dir)
-    ctx = prepare_run(run_dir, cfg, console or Console(stderr=True), progress)
+    ctx = prepare_run(run_dir, cfg, console or make_console(stderr=True), progress)
     tr = build_trainer(ctx)
     state = start_or_resume(ctx, tr)
     train_epochs(ctx, tr, state)

@@ -29,6 +29,7 @@ from klas.fs import DEFAULT_ROOT, DirLock, claim_dir, clear_dir, read_json, writ
 from klas.run import open_run_cache
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
+from klas.term import make_console
 from klas.train.checkpoint import load_checkpoint
 from klas.train.data import SplitData
 from klas.tree.choose import Scores, auto_shares, block_scores, candidate_trees, chosen_specs, rank_trunks
@@ -251,7 +252,7 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     """
     t0 = time.perf_counter()
     cfg = (config or TreeConfig()).with_overrides(**overrides) if overrides else (config or TreeConfig())
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     cache = open_cache(cache_path)
     check_request(cache, cfg)
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-tree"

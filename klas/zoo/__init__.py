@@ -16,6 +16,7 @@ from rich.console import Console
 from klas.errors import KlasError
 from klas.fs import ensure_writable_dir
 from klas.models import register_weights_source
+from klas.term import make_console
 from klas.utils import DEFAULT_ROOT, read_json, sha256_file
 from klas.zoo.models import arch_args  # importing klas.zoo.models registers the architectures with timm
 from klas.zoo.train import Recipe
@@ -164,7 +165,7 @@ def train_zoo(
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            train_and_record(todo, root=root, console=console or Console(stderr=True))
+            train_and_record(todo, root=root, console=console or make_console(stderr=True))
         finally:
             torch.set_num_threads(previous)
     return read_zoo(root)
