@@ -50,20 +50,28 @@ err = make_console(stderr=True)
 @app.command()
 def zoo(
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps its files; weights go to ROOT/zoo."),
-    force: bool = typer.Option(False, "--force", help="Retrain even when weights exist."),
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="Train only these zoo models (repeatable), e.g. the quality benchmark's klas_vit_d4 / klas_vit_d8; default: the demo families."),
+    force: bool = typer.Option(False, "--force", help="Retrain from scratch instead of installing the shipped weights (minutes); reports how far the retrained models land from the shipped ones."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="Only these zoo models (repeatable), e.g. the quality benchmark's klas_vit_d4 / klas_vit_d8; default: the demo families."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads while training (the shipped weights were trained with 1)."),
+    ship: bool = typer.Option(False, "--ship", help="Maintainers: write the trained models of ROOT/zoo into the package as the shipped weights."),
 ) -> None:
-    """Train (or reuse) the demo model family on the built-in digits data, on CPU."""
-    from klas.zoo import train_zoo
+    """Install the demo model family's shipped weights (verified by sha256, seconds), or train it on CPU (--force)."""
+    from klas.zoo import ship_zoo, train_zoo
 
-    info = train_zoo(root=root, names=model or None, force=force, console=err)
+    info = train_zoo(root=root, names=model or None, force=force, console=err, threads=threads)
+    if ship:
+        shipped = ship_zoo(root=root, names=model or None)
+        err.print(f"shipped: {', '.join(shipped)} (klas/zoo/shipped/)")
     table = Table(title=f"demo model family ({root / 'zoo'})", caption=FLOPS_CONVENTION)
-    for col in ("model", "family", "params", "GFLOPs", "eval top-1", "train s"):
-        table.add_column(col, justify="left" if col in ("model", "family") else "right")
+    for col in ("model", "family", "params", "GFLOPs", "eval top-1", "weights", "train s"):
+        table.add_column(col, justify="left" if col in ("model", "family", "weights") else "right")
     for name, row in info.items():
+        source = row.get("source", "trained")
+        if "vs_shipped" in row:
+            source += f" ({100 * row['vs_shipped']['eval_delta']:+.2f} vs shipped)"
         table.add_row(
             name, row.get("family", ""), f"{row['params'] / 1e6:.2f}M", f"{row['macs'] / 1e9:.4f}",
-            f"{100 * row['eval_acc']:.2f}%", f"{row['seconds']:.0f}",
+            f"{100 * row['eval_acc']:.2f}%", source, f"{row['seconds']:.0f}",
         )
     out.print(table)
 

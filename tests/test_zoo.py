@@ -165,3 +165,82 @@ def test_cli_zoo_trains_the_demo_families_or_the_named_models(tmp_path, monkeypa
             main(argv)
         assert done.value.code == 0
     assert calls[0]["names"] is None and calls[1]["names"] == ["klas_vit_d4", "klas_vit_d8"]
+
+
+# --- shipped weights -----------------------------------------------------------------------------------
+
+def _ship_smoke(smoke_root, directory):
+    """Ship the smoke models as if they were the real ones (records as the default recipe's)."""
+    from klas.zoo.run import _eval_split
+    from klas.zoo.shipped import ship
+    from klas.zoo.train import accuracy
+
+    index = read_zoo(smoke_root)
+    shipped = {}
+    for arch in SMOKE:
+        x, y = _eval_split(arch, smoke_root)
+        shipped = ship({arch: index[arch]}, zoo_dir(smoke_root), lambda m: accuracy(m, x, y), directory=directory)
+    return shipped
+
+
+def test_ship_writes_verified_float16_weights_and_install_restores_them(smoke_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from klas.zoo.run import _eval_split
+    from klas.zoo.shipped import install_shipped, read_shipped
+    from klas.zoo.train import accuracy
+
+    shipped = _ship_smoke(smoke_root, tmp_path / "shipped")
+    assert read_shipped(tmp_path / "shipped") == shipped and set(shipped) == set(SMOKE)
+    for arch, rec in shipped.items():
+        path = tmp_path / "shipped" / rec["weights"]
+        assert sha256_file(path) == rec["sha256"] and rec["dtype"] == "float16"
+        assert all(v.dtype == torch.float16 for v in load_file(str(path)).values() if v.is_floating_point())
+        assert rec["trained_eval_acc"] == read_zoo(smoke_root)[arch]["eval_acc"]
+        x, y = _eval_split(arch, smoke_root)
+        target = tmp_path / "root" / "zoo" / rec["weights"]
+        installed = install_shipped(arch, rec, target, lambda m: accuracy(m, x, y), directory=tmp_path / "shipped")
+        assert sha256_file(target) == rec["sha256"] and installed["source"] == "shipped"
+        assert installed["eval_acc"] == installed["shipped_eval_acc"] == rec["eval_acc"]  # same machine: exact
+
+
+def test_damaged_shipped_weights_are_refused_with_the_fix(smoke_root, tmp_path):
+    from klas.zoo.shipped import verify_shipped
+
+    shipped = _ship_smoke(smoke_root, tmp_path)
+    (tmp_path / shipped["klas_vit_ti"]["weights"]).write_bytes(b"damaged")
+    with pytest.raises(KlasError, match=r"shipped weights of klas_vit_ti .* damaged .*klas zoo --force --model klas_vit_ti"):
+        verify_shipped("klas_vit_ti", shipped["klas_vit_ti"], tmp_path)
+
+
+def test_train_zoo_installs_shipped_weights_for_the_current_recipe_and_force_retrains(smoke_root, tmp_path, monkeypatch):
+    """The decision train_zoo makes: shipped weights for exactly the default recipe are installed,
+    --force (or another recipe) trains; the shipped index is matched on recipe, architecture and data."""
+    import klas.zoo.run as run
+    from klas.zoo import RECIPES
+    from klas.zoo.shipped import read_shipped
+
+    shipped = _ship_smoke(smoke_root, tmp_path / "shipped")
+    # pretend the smoke recipe is the default one
+    smoke_recipe = {a: klas.zoo._recipe_for(a, epochs=3, max_steps=2, limit=64) for a in SMOKE}
+    monkeypatch.setattr(klas.zoo, "RECIPES", {**RECIPES, **smoke_recipe})
+    monkeypatch.setattr(klas.zoo.shipped, "SHIPPED_DIR", tmp_path / "shipped")
+    installed, trained = [], []
+    monkeypatch.setattr(run, "install_and_record", lambda todo, root, console: installed.extend(a for a, _ in todo))
+    monkeypatch.setattr(run, "train_and_record", lambda todo, root, console, shipped: trained.append((todo, shipped)))
+    train_zoo(tmp_path / "root", names=SMOKE)
+    assert installed == SMOKE and not trained
+    train_zoo(tmp_path / "root", names=["klas_vit_ti"], force=True)
+    assert [a for a, _ in trained[0][0]] == ["klas_vit_ti"] and trained[0][1] == {"klas_vit_ti": shipped["klas_vit_ti"]}
+    assert read_shipped() == shipped
+
+
+def test_retrained_model_is_compared_with_the_shipped_one(smoke_root, tmp_path, monkeypatch):
+    from klas.zoo.run import compare_with_shipped
+
+    shipped = _ship_smoke(smoke_root, tmp_path)
+    rec = read_zoo(smoke_root)["klas_resnet_s"]
+    monkeypatch.setattr(klas.zoo.shipped, "SHIPPED_DIR", tmp_path)
+    d = compare_with_shipped("klas_resnet_s", rec, shipped["klas_resnet_s"], smoke_root)
+    # the same weights up to float16 rounding: (nearly) the same predictions
+    assert d["agreement"] > 0.95 and abs(d["eval_delta"]) <= 2 / 64

@@ -18,7 +18,8 @@ from klas.data.transforms import build_transform
 from klas.fs import atomic_path, write_json_atomic
 from klas.utils import sha256_file
 from klas.zoo.models import arch_args
-from klas.zoo.train import Recipe, TrainResult, train_model
+from klas.zoo.shipped import install_shipped, model_from_file
+from klas.zoo.train import Recipe, TrainResult, accuracy, train_model
 
 
 def _progress(console: Console) -> Progress:
@@ -86,36 +87,97 @@ def _record(arch: str, recipe: Recipe, result: TrainResult, sha: str, weights: s
         "timm": timm.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),  # float rounding (hence the weights) depends on it
+        "source": "trained",
     }
 
 
-def train_and_record(todo: list[tuple[str, Recipe]], root: Path, console: Console) -> None:
-    """Train each (arch, recipe) in turn; weights and the zoo.json entry are written after each model."""
-    from klas.zoo import SPLIT_SEED, read_zoo, zoo_dir
+_TENSORS: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}  # (root, limit, data config) -> split tensors
+
+
+def zoo_split_tensors(arch: str, root: Path, limit: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The digits splits as ``arch`` sees them, ``{split: (x (N, 3, 32, 32) float32, y (N,) int64)}``, for
+    probe-train (training), score and eval; preprocessed once per data config and kept in memory."""
+    from klas.zoo import SPLIT_SEED
+
+    cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
+    key = (str(root), limit, *(repr(cfg.get(k)) for k in ("input_size", "interpolation", "mean", "std", "crop_pct")))
+    if key not in _TENSORS:
+        source = open_source("digits", root)
+        splits = make_splits(source, seed=SPLIT_SEED, limit=limit)
+        transform = build_transform(cfg)
+        _TENSORS[key] = {name: load_split_tensors(source, split, transform)[:2] for name, split in splits.items()}
+    return _TENSORS[key]
+
+
+def _eval_split(arch: str, root: Path) -> tuple[Tensor, Tensor]:
+    return zoo_split_tensors(arch, root)["eval"]
+
+
+def _write_record(root: Path, arch: str, record: dict[str, Any]) -> None:
+    from klas.zoo import read_zoo, zoo_dir
+
+    index = read_zoo(root)
+    index[arch] = record
+    write_json_atomic(zoo_dir(root) / "zoo.json", index)
+
+
+def install_and_record(todo: list[tuple[str, dict[str, Any]]], root: Path, console: Console) -> None:
+    """Install each (arch, shipped record): verify, copy into the zoo, re-measure eval top-1, record."""
+    from klas.zoo import zoo_dir
+
+    for arch, shipped in todo:
+        x, y = _eval_split(arch, root)
+        record = install_shipped(arch, shipped, zoo_dir(root) / shipped["weights"], lambda m: accuracy(m, x, y))
+        _write_record(root, arch, record)
+        here, there = 100 * record["eval_acc"], 100 * record["shipped_eval_acc"]
+        note = "" if here == there else (
+            f"  [yellow]({there:.2f}% where it was made, torch {record['torch']}: this machine generates the digits "
+            f"or computes slightly differently)[/]")
+        console.print(f"{arch}: shipped weights verified (sha256) and installed, eval top-1 {here:.2f}%{note}")
+
+
+def compare_with_shipped(arch: str, record: dict[str, Any], shipped: dict[str, Any], root: Path) -> dict[str, Any]:
+    """How far a retrained model lands from the shipped one: eval top-1 difference and prediction agreement."""
+    from klas.zoo import zoo_dir
+    from klas.zoo.shipped import verify_shipped
+
+    x, y = _eval_split(arch, root)
+    with torch.inference_mode():
+        ours = model_from_file(arch, zoo_dir(root) / record["weights"])(x).argmax(1)
+        theirs = model_from_file(arch, verify_shipped(arch, shipped))(x).argmax(1)
+    return {"shipped_eval_acc": shipped["eval_acc"], "eval_delta": round(record["eval_acc"] - shipped["eval_acc"], 6),
+            "agreement": round(float((ours == theirs).float().mean()), 6)}
+
+
+def train_and_record(todo: list[tuple[str, Recipe]], root: Path, console: Console,
+                     shipped: dict[str, dict[str, Any]] | None = None) -> None:
+    """Train each (arch, recipe) in turn; weights and the zoo.json entry are written after each model.
+
+    For a model in ``shipped`` (its shipped record, same recipe), the record also says how far the
+    retrained model lands from the shipped one (:func:`compare_with_shipped`).
+    """
+    from klas.zoo import SPLIT_SEED, zoo_dir
 
     source = open_source("digits", root)
-    tensors: dict[tuple, tuple[Tensor, ...]] = {}  # (limit, data config) -> preprocessed train/eval splits
     with _progress(console) as progress:
         for arch, recipe in todo:
-            cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
             splits = make_splits(source, seed=SPLIT_SEED, limit=recipe.limit)
-            key = (recipe.limit, *(repr(cfg.get(k)) for k in ("input_size", "interpolation", "mean", "std", "crop_pct")))
-            if key not in tensors:
-                transform = build_transform(cfg)
-                x_tr, y_tr, _ = load_split_tensors(source, splits["probe-train"], transform)
-                x_ev, y_ev, _ = load_split_tensors(source, splits["eval"], transform)
-                tensors[key] = (x_tr, y_tr, x_ev, y_ev)
-            x_tr, y_tr, x_ev, y_ev = tensors[key]
-            result = train_model(arch, (x_tr, y_tr), (x_ev, y_ev), recipe, progress=progress)
+            data = zoo_split_tensors(arch, root, limit=recipe.limit)
+            cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
+            result = train_model(arch, data["probe-train"], data["eval"], recipe, progress=progress)
             weights = f"{arch}.safetensors"
             sha = _save_weights(result.state_dict, zoo_dir(root) / weights)
             sizes = {name: len(split) for name, split in splits.items()}
             record = _record(arch, recipe, result, sha, weights, source, sizes,
                              _cost(arch, result.state_dict, tuple(cfg["input_size"])))
-            index = read_zoo(root)
-            index[arch] = record
-            write_json_atomic(zoo_dir(root) / "zoo.json", index)
+            vs = ""
+            if shipped and arch in shipped:
+                record["vs_shipped"] = compare_with_shipped(arch, record, shipped[arch], root)
+                d = record["vs_shipped"]
+                vs = (f"  vs shipped {100 * d['shipped_eval_acc']:.2f}%: {100 * d['eval_delta']:+.2f} points, "
+                      f"{100 * d['agreement']:.1f}% same predictions")
+            _write_record(root, arch, record)
             progress.console.print(
-                f"{arch}: eval top-1 {100 * result.eval_acc:.1f}%  {record['params'] / 1e6:.2f}M params  "
-                f"{record['macs'] / 1e6:.1f}M MACs  {result.seconds:.0f}s"
+                f"{arch}: eval top-1 {100 * result.eval_acc:.2f}%  {record['params'] / 1e6:.2f}M params  "
+                f"{record['macs'] / 1e6:.1f}M MACs  {result.seconds:.0f}s{vs}"
             )

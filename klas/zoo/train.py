@@ -33,6 +33,8 @@ class Recipe:
     label_smoothing: float = 0.1
     clip_grad: float = 1.0  # max global grad norm
     seed: int = 0
+    augment: float = 0.0  # strength of a random per-image affine warp (0: none; 1: ±3 px, ±10°, scale ±10 %)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, kept and saved (0: none)
     max_steps: int | None = None  # cap on optimiser steps (smoke tests); None trains all epochs
     limit: int | None = None  # keep N images of the train and eval splits (smoke tests); None keeps all
 
@@ -46,6 +48,20 @@ class TrainResult:
     eval_acc: float  # top-1 on the eval split, fraction in [0, 1]
     steps: int
     seconds: float  # wall time: model init, optimisation loop and evaluation
+
+
+def random_affine(x: Tensor, strength: float, gen: torch.Generator) -> Tensor:
+    """A random affine warp per image of x (B, C, H, W): shift up to ``3 * strength`` pixels, rotation up to
+    ``10 * strength`` degrees, scale within ``1 ± 0.1 * strength``; borders repeat the edge pixels."""
+    b, _, h, _ = x.shape
+    u = torch.rand(b, 4, generator=gen) * 2 - 1  # (B, 4) in [-1, 1): angle, scale, shift x, shift y
+    angle = u[:, 0] * (10.0 * strength) * torch.pi / 180
+    scale = 1.0 + 0.1 * strength * u[:, 1]
+    shift = u[:, 2:] * (3.0 * strength) * 2 / h  # pixels -> normalised units
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @torch.inference_mode()
@@ -81,6 +97,9 @@ def train_model(
     if recipe.max_steps is not None:
         total = min(total, recipe.max_steps)
     warm = max(1, round(recipe.warmup_frac * total))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema), use_buffers=True
+    ) if recipe.ema > 0 else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warm))
     task: TaskID | None = None
     if progress is not None:
@@ -93,15 +112,20 @@ def train_model(
             if step >= total:
                 break
             idx = order[b * batch_size : (b + 1) * batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=recipe.label_smoothing)
+            xb = random_affine(x[idx], recipe.augment, gen) if recipe.augment > 0 else x[idx]
+            loss = F.cross_entropy(model(xb), y[idx], label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             if task is not None:
                 progress.update(task, advance=1, epoch=epoch + 1, loss=loss.item())
+    if ema is not None:
+        model = ema.module  # the averaged weights are the model
     eval_acc = accuracy(model, *evaluation)
     if task is not None:
         progress.update(task, description=f"{arch} [green]eval {100 * eval_acc:.1f}%")
