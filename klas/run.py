@@ -136,23 +136,28 @@ def resolve_cache_path(selection: dict, run_dir: Path) -> Path:
     return p
 
 
-def open_run_cache(selection: dict, run_dir: Path):
-    """Open the selection's cache, refusing when it is gone or its fingerprint changed."""
+def open_run_cache(selection: dict, run_dir: Path, stage: str = "search"):
+    """Open the cache a run's manifest names (``selection.json``, or a tree run's ``tree.json``), refusing
+    when it is gone or its fingerprint changed; ``stage`` ("search" | "tree") is what made the run and
+    decides the command the message gives to redo it."""
     from klas import cache as cache_mod
 
     path = resolve_cache_path(selection, run_dir)
+    if stage == "tree":
+        redo = f"rerun the tree on it: klas tree {path} --run {run_dir} --overwrite"
+    else:
+        redo = f"search again: klas search {path} --run {run_dir} --overwrite, then klas train {run_dir}"
     try:
         cache = cache_mod.open_cache(path)
     except KlasError as exc:
         raise KlasError(
-            f"the cache this run was searched on is gone or incomplete ({exc}); recreate it with the same "
-            f"klas cache command, or search again"
+            f"the cache this run was made from is gone or incomplete ({exc}); recreate it with the same "
+            f"klas cache command, or {redo}"
         ) from None
     want = selection["cache"].get("fingerprint")
     if cache.fingerprint != want:
         raise KlasError(
-            f"cache {path} changed since the search (fingerprint {cache.fingerprint[:12]} != {str(want)[:12]}); "
-            f"rerun klas search on it, then train"
+            f"cache {path} changed since the {stage} (fingerprint {cache.fingerprint[:12]} != {str(want)[:12]}); {redo}"
         )
     return cache
 

@@ -174,12 +174,14 @@ class Trainer:
 
 @dataclass
 class RunState:
-    """What a checkpoint carries forward besides weights: accuracies before training, LS fit R², history."""
+    """What a checkpoint carries forward besides weights: accuracies before training, LS fit R², history;
+    and the content hash of the last checkpoint's weights (what the results will record)."""
 
     before: dict[str, float]
     fit_r2: dict[str, float]
     history: list[dict]
     epoch_done: int
+    checkpoint_sha256: str | None = None
 
 
 def _check_outputs(run_dir: Path, cfg: TrainConfig, sel_hash: str) -> dict | None:
@@ -304,7 +306,8 @@ def start_or_resume(ctx: RunContext, tr: Trainer) -> RunState:
         tr.opt.load_state_dict(ckpt["optimizer"])
         tr.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        state = RunState(ckpt["before"], ckpt.get("fit_r2", {}), list(ckpt.get("history", [])), int(ckpt["epoch"]))
+        state = RunState(ckpt["before"], ckpt.get("fit_r2", {}), list(ckpt.get("history", [])), int(ckpt["epoch"]),
+                         ckpt.get("weights_sha256"))
         ctx.say(f"resuming {ctx.run_dir} at epoch {state.epoch_done}/{cfg.epochs}")
         return state
     fit_r2: dict[str, float] = {}
@@ -339,7 +342,7 @@ def evaluate_run(ctx: RunContext, net: StitchNet, what: str) -> dict[str, float]
 def save_state(ctx: RunContext, tr: Trainer, state: RunState) -> None:
     """``checkpoints/last.pt`` after ``state.epoch_done`` epochs (rank 0 writes, all ranks wait)."""
     if ctx.rank == 0:
-        save_checkpoint(ctx.ckpt_path, checkpoint_state(ctx, tr, state))
+        state.checkpoint_sha256 = save_checkpoint(ctx.ckpt_path, checkpoint_state(ctx, tr, state))
     dist_barrier()
 
 
@@ -351,6 +354,7 @@ def checkpoint_state(ctx: RunContext, tr: Trainer, state: RunState) -> dict:
     net, config = tr.net, ctx.config
     return {
         "selection_sha256": ctx.sel_hash,
+        "cache_fingerprint": ctx.cache.fingerprint,
         "config": config,
         "epoch": state.epoch_done,
         "stitch_states": {sid: cpu(net.stitch_layer(sid).state_dict()) for sid in net.stitch_ids},
@@ -477,13 +481,15 @@ def write_outputs(ctx: RunContext, rows: list[dict], state: RunState, seconds: f
     """``results.parquet``, then ``train.json`` (the manifest, last); rank 0 writes."""
     cfg = ctx.cfg
     if ctx.rank == 0:
-        write_results(ctx.run_dir, rows, {"klas.config": sha256_json(ctx.config), "klas.selection_sha256": ctx.sel_hash,
-                                          "klas.accuracy_unit": "fraction", "klas.flops": FLOPS_CONVENTION})
+        made_from = {"klas.config": sha256_json(ctx.config), "klas.selection_sha256": ctx.sel_hash,
+                     "klas.cache_fingerprint": ctx.cache.fingerprint,
+                     **({"klas.checkpoint_sha256": state.checkpoint_sha256} if state.checkpoint_sha256 else {})}
+        write_results(ctx.run_dir, rows, {**made_from, "klas.accuracy_unit": "fraction", "klas.flops": FLOPS_CONVENTION})
         write_json_atomic(ctx.run_dir / MANIFEST, {
             "format": MANIFEST_FORMAT, "selection_sha256": ctx.sel_hash,
             "cache": {"path": str(ctx.cache.path), "fingerprint": ctx.cache.fingerprint},
             "config": ctx.config, "epochs_done": state.epoch_done,
-            "checkpoint": str(ctx.ckpt_path.relative_to(ctx.run_dir)),
+            "checkpoint": str(ctx.ckpt_path.relative_to(ctx.run_dir)), "checkpoint_sha256": state.checkpoint_sha256,
             "train_split": TRAIN_SPLIT, "train_images": ctx.train_data.n,
             "eval_split": EVAL_SPLIT, "eval_images": ctx.eval_data.n,
             "data_config": ctx.cache.manifest["data"]["preprocess"], "history": state.history, "seconds": seconds,

@@ -29,7 +29,7 @@ from klas.fs import DEFAULT_ROOT, DirLock, claim_dir, clear_dir, read_json, writ
 from klas.run import open_run_cache
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
-from klas.train.checkpoint import load_checkpoint
+from klas.train.checkpoint import load_checkpoint, weights_sha256
 from klas.train.data import SplitData
 from klas.tree.choose import Scores, auto_shares, block_scores, candidate_trees, chosen_specs, rank_trunks
 from klas.tree.config import TreeConfig
@@ -224,7 +224,7 @@ def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple
             "cost_parts": cost, "extra_cost": cost["macs"] / cost["largest_macs"] - 1, "score": score.get(s),
             "acc": acc[f"tree:{s}"], "recovered": recovered_gain(acc[f"tree:{s}"], floor, ceiling),
             "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "fit_r2": fits[s].fit_r2,
-            "history": fits[s].history,
+            "history": fits[s].history, "checkpoint_sha256": _weights_sha256(fits[s].net),
         })
     largest = max(p.macs for p in profiles.values())
     all_macs = sum(p.macs for p in profiles.values())
@@ -237,6 +237,11 @@ def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple
         "singles": {n: {"macs": profiles[n].macs, "acc": acc[f"single:{n}"]} for n in cache.model_names},
     }
     return rows, reference
+
+
+def _weights_sha256(net: StitchNet) -> str:
+    """The content hash of a trained tree's stitch layers: what its checkpoint records as ``weights_sha256``."""
+    return weights_sha256({sid: net.stitch_layer(sid).state_dict() for sid in net.stitch_ids})
 
 
 # -- the entry point --------------------------------------------------------------------------------
@@ -319,10 +324,15 @@ def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None, d
     if row is None:
         raise KlasError(f"tree run {run_dir} has no share point {share}; it has {[r['share'] for r in manifest['trees']]}")
     spec = TreeSpec.from_json(row["spec"])
-    cache = open_run_cache(manifest, run_dir)
+    cache = open_run_cache(manifest, run_dir, stage="tree")
     ckpt = load_tree_checkpoint(tree_checkpoint(run_dir, share), spec, manifest["config"])
     if int(ckpt["epoch"]) != manifest["config"]["epochs"] + manifest["config"]["task_epochs"]:
-        raise KlasError(f"checkpoint of share point {share} in {run_dir} is not the evaluated one; rerun klas tree --resume")
+        raise KlasError(f"checkpoint of share point {share} in {run_dir} is not the evaluated one; rerun: klas tree "
+                        f"{manifest['cache']['path']} --run {run_dir} --resume (with the options it was made with)")
+    if ckpt.get("weights_sha256") != row.get("checkpoint_sha256", ckpt.get("weights_sha256")):
+        raise KlasError(f"checkpoint {tree_checkpoint(run_dir, share)} is not the one {MANIFEST} was evaluated with "
+                        f"(its weights come from another training); restore it, or rerun: klas tree "
+                        f"{manifest['cache']['path']} --run {run_dir} --overwrite")
     dev = torch.device(device)
     loaded = {} if loaded is None else loaded
     if not set(spec.names) <= set(loaded):

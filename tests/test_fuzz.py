@@ -1,0 +1,248 @@
+"""Nothing wrong, ever silently (issue 18): the reliability pass's findings, kept from coming back.
+
+Each case is what a careless or unlucky user does (a swapped checkpoint, an edited artifact, a full
+disk, a hostile image, an input that would silently change the computation, a hint that names the
+wrong command); each must end in one ``error:`` line, exit status 2, and nothing half-written that
+looks complete. Everything runs in-process (``klas.cli.main`` or library calls) on tiny data.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cache_safety import refused  # noqa: E402
+from test_train import FAST, PAIRS, quiet, write_selection  # noqa: E402
+
+from klas.errors import KlasError  # noqa: E402
+from klas.train import train_run  # noqa: E402
+from klas.train.checkpoint import checkpoint_path  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+# -- 1. artifacts verify what they claim -------------------------------------------------------------
+
+def _serve(monkeypatch, cache) -> None:
+    """``klas.cache.open_cache`` serves ``cache`` (a test_train FakeCache) for its own path."""
+    import klas.cache
+
+    def open_cache(path, verify=False):
+        if str(path) != str(cache.path):
+            raise KlasError(f"no cache at {path}")
+        return cache
+
+    monkeypatch.setattr(klas.cache, "open_cache", open_cache)
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory):
+    """Two trainings of one selection on a FakeCache that differ only in their seed (built once)."""
+    from test_train import FakeCache
+
+    base = tmp_path_factory.mktemp("pair")
+    cache = FakeCache(base / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        _serve(mp, cache)
+        for seed in (0, 1):
+            write_selection(base / "runs" / f"seed{seed}", cache, pairs=PAIRS[:2])
+            train_run(base / "runs" / f"seed{seed}", console=quiet(), seed=seed, **FAST)
+    return cache, base / "runs"
+
+
+@pytest.fixture
+def two_trainings(trained_pair, monkeypatch, tmp_path):
+    """Copies of the two trainings, their cache served: (run, other run)."""
+    cache, runs = trained_pair
+    _serve(monkeypatch, cache)
+    return [shutil.copytree(runs / f"seed{seed}", tmp_path / "runs" / f"seed{seed}") for seed in (0, 1)]
+
+
+def test_export_refuses_a_checkpoint_of_another_training(two_trainings, monkeypatch, capsys):
+    run, other = two_trainings
+    shutil.copy(checkpoint_path(other), checkpoint_path(run))
+    msg = refused(monkeypatch, capsys, "export", "pareto", str(run), "--models")
+    assert f"checkpoint {checkpoint_path(run)}" in msg and "results.parquet" in msg
+    assert f"klas train {run} --overwrite" in msg
+    assert not (run / "export").exists()
+    # results of a klas that recorded no checkpoint hash: the training config (seed included) tells them apart
+    _drop_metadata(run / "results.parquet", b"klas.checkpoint_sha256")
+    assert "is not the one results.parquet" in refused(monkeypatch, capsys, "export", "pareto", str(run), "--models")
+    # the front alone does not need the checkpoint: it is still exported from results.parquet
+    assert refused_or_ok(monkeypatch, capsys, "export", "pareto", str(run)) == 0
+    # the hinted command repairs the run
+    train_run(run, console=quiet(), overwrite=True, **FAST)
+    assert refused_or_ok(monkeypatch, capsys, "export", "pareto", str(run), "--models") == 0
+
+
+def _drop_metadata(path: Path, key: bytes) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != key}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def refused_or_ok(monkeypatch, capsys, *args: str) -> int:
+    """Run ``klas ARGS`` in-process; its exit status (0 when it returned)."""
+    from klas.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["klas", *args])
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code or 0
+    else:
+        code = 0
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return code
+
+
+# -- artifacts: load_stitched / load_tree check config against tensors -------------------------------
+
+def _strip_hashes(art: Path) -> None:
+    """What an artifact of a klas before recorded hashes looks like: neither file vouches for the other."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((art / "config.json").read_text())
+    cfg.pop("weights_sha256", None)
+    (art / "config.json").write_text(json.dumps(cfg))
+    save_file(load_file(str(art / "model.safetensors")), str(art / "model.safetensors"), metadata={"format": cfg["format"]})
+
+
+def _edit_config(change):
+    def edit(art: Path) -> None:
+        import json
+
+        cfg = json.loads((art / "config.json").read_text())
+        change(cfg)
+        (art / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _edit_tensors(change):
+    def edit(art: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(art / "model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(art / "model.safetensors"), metadata={"format": load_format(art)})
+    return edit
+
+
+def load_format(art: Path) -> str:
+    import json
+
+    return json.loads((art / "config.json").read_text())["format"]
+
+
+def _write(name: str, data: bytes):
+    return lambda art: (art / name).write_bytes(data)
+
+
+def _setitem(d, *path_value):
+    *path, value = path_value
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+STITCHED_TAMPERING = [  # (what, hashes kept, edit, message)
+    ("config not JSON", True, _write("config.json", b"{not json"), r"config.json is unreadable \(JSONDecodeError\)"),
+    ("config a list", True, _write("config.json", b"[1, 2]"), r"config.json is not a klas.stitched/1 config"),
+    ("weights torn", True, lambda a: (a / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:300]),
+     r"model.safetensors is unreadable"),
+    ("cut point edited", True, _edit_config(lambda c: _setitem(c, "src", "cut", c["src"]["cut"] - 1)),
+     r"config.json was edited after export"),
+    ("tensor changed", True, _edit_tensors(lambda t: t["stitch.proj.weight"].add_(1.0)), r"changed after export"),
+    ("cut point edited, no hashes", False, _edit_config(lambda c: _setitem(c, "src", "cut", c["src"]["cut"] - 1)),
+     r"does not fit VisionTransformer \(src, unexpected \['blocks\.\d\."),
+    ("cut outside the model", False, _edit_config(lambda c: _setitem(c, "dst", "cut", 9)),
+     r"records cut point 9 for vit_small_patch16_224 \(dst\), outside 0\.\.3"),
+    ("block count edited", False, _edit_config(lambda c: _setitem(c, "src", "num_blocks", 12)),
+     r"records 12 blocks for vit_tiny_patch16_224, which has 4"),
+    ("kind edited", False, _edit_config(lambda c: _setitem(c, "kind", "tree")), r"has kind 'tree', not anchor or stitch"),
+    ("src entry gone", False, _edit_config(lambda c: c.pop("src")), r"holds a config its tensors do not fit .*KeyError"),
+    ("stitch width edited", False, _edit_config(lambda c: _setitem(c, "stitch", "in_width", 7)),
+     r"does not fit its stitch layer \(LinearStitch: proj.weight has shape \[48, 32\], the model \[48, 7\]\)"),
+    ("create kwargs edited", False, _edit_config(lambda c: _setitem(c, "src", "create_kwargs", {"bogus": 1})),
+     r"holds a config its tensors do not fit .*TypeError"),
+    ("extra tensor", False, _edit_tensors(lambda t: t.update({"stitch.extra": t["stitch.proj.weight"].clone()})),
+     r"does not fit its stitch layer \(LinearStitch, unexpected \['extra'\]\)"),
+    ("foreign prefix", False, _edit_tensors(lambda t: t.update({"evil.x": t["stitch.proj.weight"].clone()})),
+     r"holds an unexpected tensor 'evil.x'"),
+    ("tensor missing", False, _edit_tensors(lambda t: t.pop("dst.head.weight")), r"missing \['head.weight'\]"),
+    ("tensor of another shape", False, _edit_tensors(lambda t: t.update({"dst.head.bias": t["dst.head.bias"][:5]})),
+     r"head.bias has shape \[5\], the model \[10\]"),
+]
+
+
+def test_load_stitched_refuses_every_tampering_in_one_line(two_trainings, tmp_path):
+    from klas.export import export_pareto, load_stitched
+    from test_export import _all_on_front
+
+    run = two_trainings[0]
+    _all_on_front(run)
+    res = export_pareto(run, models=True, console=quiet())
+    art = res.out_dir / res.models[next(r for r in res.models if "->" in r)]
+    assert load_stitched(art).config["made_from"]["seed"] == 0
+    for k, (what, hashes, edit, message) in enumerate(STITCHED_TAMPERING):
+        case = shutil.copytree(art, tmp_path / f"case{k}")
+        if not hashes:
+            _strip_hashes(case)
+            load_stitched(case)  # untouched, an artifact without hashes still loads
+        edit(case)
+        with pytest.raises(KlasError, match=message) as err:
+            load_stitched(case)
+        assert "\n" not in str(err.value) and "re-export it with: klas export pareto RUN --models" in str(err.value), what
+
+
+def _tree_artifact(out: Path) -> Path:
+    """A tree over the two tiny ViTs (trunk Ti, share point 2, S joins at 2), saved as klas export tree does."""
+    from test_train import MODELS, tiny_vit
+
+    from klas.export import save_tree
+    from klas.stitch.network import StitchNet
+    from klas.stitch.tree import StitchTree, TreeSpec
+
+    ti, sm = (tiny_vit(n) for n in MODELS)
+    spec = TreeSpec(ti.name, 2, ((sm.name, 2),))
+    net = StitchNet({m.name: m.adapter for m in (ti, sm)}, {m.name: m.profile for m in (ti, sm)}, spec.stitch_specs())
+    tree = StitchTree.from_net(net, spec).eval()
+    return save_tree(tree, out, {n: n for n in MODELS}, {"data_config": {"input_size": [3, 32, 32]}})
+
+
+TREE_TAMPERING = [  # (what, hashes kept, edit, message)
+    ("share point edited", True, _edit_config(lambda c: _setitem(c, "spec", "share", 3)), r"was edited after export"),
+    ("branch cut edited", False, _edit_config(lambda c: _setitem(c, "spec", "branches", 0, "cut", 3)),
+     r"does not describe one tree"),
+    ("share outside the trunk", False, _edit_config(lambda c: _setitem(c, "spec", "share", 4)),
+     r"records share point 4 outside trunk vit_tiny_patch16_224's 1\.\.3"),
+    ("models gone", False, _edit_config(lambda c: c.pop("models")), r"holds a config its tensors do not fit .*KeyError"),
+    ("spec garbage", False, _edit_config(lambda c: _setitem(c, "spec", "share", "two")), r"holds a malformed tree spec"),
+    ("extra tensor group", False, _edit_tensors(lambda t: t.update({"m7.x": t["s0.proj.weight"].clone()})),
+     r"does not describe one tree"),
+    ("stitch tensor missing", False, _edit_tensors(lambda t: t.pop("s0.proj.bias")), r"missing \['proj.bias'\]"),
+]
+
+
+def test_load_tree_refuses_every_tampering_in_one_line(tmp_path):
+    from klas.export import load_tree
+
+    art = _tree_artifact(tmp_path / "tree")
+    assert load_tree(art).spec.share == 2
+    for k, (what, hashes, edit, message) in enumerate(TREE_TAMPERING):
+        case = shutil.copytree(art, tmp_path / f"case{k}")
+        if not hashes:
+            _strip_hashes(case)
+            load_tree(case)
+        edit(case)
+        with pytest.raises(KlasError, match=message) as err:
+            load_tree(case)
+        assert "\n" not in str(err.value) and "re-export it with: klas export tree RUN" in str(err.value), what
