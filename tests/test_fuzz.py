@@ -8,13 +8,15 @@ looks complete. Everything runs in-process (``klas.cli.main`` or library calls) 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cache_safety import refused  # noqa: E402
+from test_cache_safety import CLI, MODEL, klas, refused  # noqa: E402
 from test_train import FAST, PAIRS, quiet, write_selection  # noqa: E402
 
 from klas.errors import KlasError  # noqa: E402
@@ -246,3 +248,98 @@ def test_load_tree_refuses_every_tampering_in_one_line(tmp_path):
         with pytest.raises(KlasError, match=message) as err:
             load_tree(case)
         assert "\n" not in str(err.value) and "re-export it with: klas export tree RUN" in str(err.value), what
+
+
+# -- 2. a full disk is one line, never a traceback or SIGBUS ---------------------------------------------
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    """``path`` on a tmpfs of ``size`` (needs root and the right to mount; skipped where the test cannot)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here to make a small file system")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def grow(disk: Path, size: str) -> None:
+    """Free space on ``disk`` the way a user would: here by growing the tmpfs."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True, capture_output=True)
+
+
+def test_a_disk_that_fills_during_klas_cache_is_one_line_never_sigbus(vit_cache, tmp_path, monkeypatch, capsys):
+    import klas.cache.writer as writer
+    from klas.cache import open_cache
+
+    with small_disk(tmp_path / "disk", "160k") as disk:
+        out = disk / "c"
+        monkeypatch.setattr(writer, "check_free_space", lambda *a, **k: None)  # the disk fills after the check
+        args = ["cache", "--model", MODEL, *CLI, "--data", "digits", "--out", str(out), "--root", str(vit_cache.parent)]
+        msg = refused(monkeypatch, capsys, *args)  # before issue 18: killed by SIGBUS, exit 135, no message
+        assert msg.startswith(f"error: no space left on device writing {out} (it needs ")
+        assert msg.endswith("free some space there, then re-run the same command to continue where it stopped")
+        assert not (out / "manifest.json").exists()
+        grow(disk, "2m")
+        assert klas(monkeypatch, capsys, *args)[0] == 0  # the hinted command
+        open_cache(out, verify=True)
+
+
+def test_klas_cache_allocates_its_arrays_for_real(vit_cache):
+    """No sparse file: a full disk must surface while the files are made, not while rows are written."""
+    for path in vit_cache.rglob("*.npy"):
+        st = path.stat()
+        assert st.st_blocks * 512 >= st.st_size, path
+
+
+def test_a_full_disk_in_search_is_one_line_and_the_hint_finishes_it(vit_cache, tmp_path, monkeypatch, capsys):
+    with small_disk(tmp_path / "disk", "24k") as disk:
+        run = disk / "run"
+        args = ["search", str(vit_cache), "--run", str(run), "--probe-epochs", "1"]
+        msg = refused(monkeypatch, capsys, *args)
+        assert msg.startswith(f"error: no space left on device writing {run}/") and msg.endswith("re-run the same command")
+        assert not (run / "selection.json").exists()
+        grow(disk, "4m")
+        assert klas(monkeypatch, capsys, *args)[0] == 0
+        assert (run / "selection.json").is_file()
+
+
+def test_a_full_disk_in_train_and_export_is_one_line_and_resume_finishes_it(trained_pair, monkeypatch, capsys,
+                                                                            tmp_path):
+    cache, runs = trained_pair
+    _serve(monkeypatch, cache)
+    with small_disk(tmp_path / "disk", "96k") as disk:
+        run = disk / "run"
+        write_selection(run, cache, pairs=PAIRS[:2])
+        args = ["train", str(run), "--epochs", "2", "--frozen", "--batch-size", "32"]
+        msg = refused(monkeypatch, capsys, *args)
+        assert msg.startswith(f"error: no space left on device writing {checkpoint_path(run)} (it needs ")
+        assert msg.endswith("then re-run the same command with --resume added to continue")
+        assert not (run / "results.parquet").exists() and checkpoint_path(run).is_file()  # the last good epoch
+        grow(disk, "1m")
+        assert klas(monkeypatch, capsys, *args, "--resume")[0] == 0
+        msg = refused(monkeypatch, capsys, "export", "pareto", str(run), "--models")
+        assert msg.startswith(f"error: no space left on device writing {run / 'export'} (it needs more than ")
+        assert not (run / "export").exists() and not (run / ".export.partial").exists()
+        grow(disk, "8m")
+        assert klas(monkeypatch, capsys, "export", "pareto", str(run), "--models")[0] == 0
+
+
+def test_enospc_from_any_writer_is_one_line(two_trainings, monkeypatch, capsys):
+    """Where no small file system can be made: ENOSPC injected where the disk reports it (fsync, as NFS does)."""
+    import errno
+    import os
+
+    run = two_trainings[0]
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    msg = refused(monkeypatch, capsys, "train", str(run), "--overwrite", "--epochs", "1", "--frozen")
+    assert msg.startswith(f"error: no space left on device writing {checkpoint_path(run)} (it needs ")
+    assert msg.endswith("re-run the same command with --resume in place of --overwrite to continue")
