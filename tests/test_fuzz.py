@@ -343,3 +343,69 @@ def test_enospc_from_any_writer_is_one_line(two_trainings, monkeypatch, capsys):
     msg = refused(monkeypatch, capsys, "train", str(run), "--overwrite", "--epochs", "1", "--frozen")
     assert msg.startswith(f"error: no space left on device writing {checkpoint_path(run)} (it needs ")
     assert msg.endswith("re-run the same command with --resume in place of --overwrite to continue")
+
+
+# -- 3. hostile images: one line naming the file; high bit depths scaled, never clipped -------------------
+
+def _image_folder(root: Path) -> Path:
+    """Two classes of tiny 8-bit images; tests add hostile files to it."""
+    from PIL import Image
+
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (60 * c, 40 * i, 90)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_high_depth_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from klas.data import FolderSource
+
+    folder = _image_folder(tmp_path / "imgs")
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "cat" / "gray16.png")
+    src = FolderSource(folder)
+    img = src.load(src.paths.index(folder / "cat" / "gray16.png"))
+    assert Image.open(folder / "cat" / "gray16.png").mode.startswith("I")  # PIL's own convert("RGB") clips it
+    got = np.asarray(img)
+    assert img.mode == "RGB" and got.shape == (16, 16, 3)
+    np.testing.assert_array_equal(got[..., 0], np.round(ramp / 257).astype(np.uint8))  # before: 99.6 % white
+    assert (got == 255).mean() < 0.01
+
+
+def test_hostile_images_are_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from klas.data import FolderSource
+
+    folder = _image_folder(tmp_path / "imgs")
+    bad = {
+        "text.png": (lambda p: p.write_bytes(b"not an image"), r"\(UnidentifiedImageError\)"),
+        "empty.jpg": (lambda p: p.write_bytes(b""), r"\(UnidentifiedImageError\)"),
+        "torn.png": (lambda p: p.write_bytes((folder / "cat" / "0.png").read_bytes()[:60]), r"\(OSError\)"),
+        "bomb.png": (lambda p: Image.new("RGB", (64, 64)).save(p), r"could be decompression bomb"),
+        "int32.tif": (lambda p: Image.fromarray(np.full((8, 8), 70000, np.int32)).save(p), r"32-bit integer pixels"),
+        "float.tif": (lambda p: Image.fromarray(np.ones((8, 8), np.float32)).save(p), r"floating-point pixels"),
+    }
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 image is then over twice PIL's limit
+    for name, (make, _) in bad.items():
+        make(folder / "dog" / name)
+    src = FolderSource(folder)
+    for name, (_, why) in bad.items():
+        path = folder / "dog" / name
+        with pytest.raises(KlasError, match=re.escape(f"image {path}") + ".*" + why) as err:
+            src.load(src.paths.index(path))
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    # through klas cache, its loader in a worker process: still the one line naming the file
+    for name in list(bad)[1:]:
+        (folder / "dog" / name).unlink()
+    msg = refused(monkeypatch, capsys, "cache", "--model", MODEL, *CLI, "--workers", "1", "--data", str(folder),
+                  "--out", str(tmp_path / "c"), "--root", str(tmp_path / "root"))
+    assert re.fullmatch(rf"error: cannot read image {re.escape(str(folder / 'dog' / 'text.png'))} "
+                        r"\(UnidentifiedImageError\); fix or delete the file and rerun", msg), msg
