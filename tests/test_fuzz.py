@@ -409,3 +409,51 @@ def test_hostile_images_are_one_line_naming_the_file(tmp_path, monkeypatch, caps
                   "--out", str(tmp_path / "c"), "--root", str(tmp_path / "root"))
     assert re.fullmatch(rf"error: cannot read image {re.escape(str(folder / 'dog' / 'text.png'))} "
                         r"\(UnidentifiedImageError\); fix or delete the file and rerun", msg), msg
+
+
+# -- 4. inputs that would silently change the computation are refused ---------------------------------
+
+@pytest.mark.parametrize("model, size, message", [
+    ("vit_tiny_patch16_224", 70, "input size 70 px does not fit vit_tiny_patch16_224: its first layer reads 16-pixel "
+                                 "patches every 16 px and would silently drop the last 6 rows and columns; use an "
+                                 "--input-size it tiles, e.g. 64 or 80"),
+    ("klas_vit_ti", 30, "input size 30 px does not fit klas_vit_ti: its first layer reads 8-pixel patches every 8 px"),
+    ("convnext_atto", 70, "would silently drop the last 2 rows and columns; use an --input-size it tiles, e.g. 68 or 72"),
+    ("levit_128s", 64, "levit_128s runs only at its native input size 224 px (it cannot be resized); use --input-size "
+                       "224, or leave --input-size out and give levit_128s first"),
+])
+def test_an_input_size_the_model_cannot_take_whole_is_refused(model, size, message, vit_cache, tmp_path, monkeypatch,
+                                                              capsys):
+    msg = refused(monkeypatch, capsys, "cache", "--model", MODEL, "--model", model, "--random-init", "--limit", "12",
+                  "--input-size", str(size), "--data", "digits", "--out", str(tmp_path / "c"),
+                  "--root", str(vit_cache.parent))
+    assert message in msg
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_the_size_hints_are_sizes_the_models_take():
+    from klas.models import load_model
+
+    for model, size in (("vit_tiny_patch16_224", 64), ("vit_tiny_patch16_224", 80), ("convnext_atto", 68),
+                        ("levit_128s", 224)):
+        assert load_model(model, random_init=True, input_size=(3, size, size)).profile.reps[0].grid[0] > 0
+
+
+def test_random_init_with_a_weights_file_is_refused(vit_cache, tmp_path, monkeypatch, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    from klas.cache import open_cache
+    from klas.zoo import ZOO_ARCHS  # noqa: F401  registers the demo architectures with timm
+
+    weights = tmp_path / "ti.safetensors"
+    save_file(timm.create_model("klas_vit_ti").state_dict(), str(weights))
+    args = ["cache", "--model", f"klas_vit_ti={weights}", "--limit", "12", "--data", "digits",
+            "--out", str(tmp_path / "c"), "--root", str(vit_cache.parent)]
+    msg = refused(monkeypatch, capsys, *args, "--random-init")
+    assert msg == (f"error: --random-init builds untrained, seeded weights and would ignore the weights file {weights} "
+                   f"given for klas_vit_ti; drop --random-init to use the file, or drop ={weights}")
+    assert not (tmp_path / "c").exists()
+    assert klas(monkeypatch, capsys, *args)[0] == 0  # the hint: without --random-init the file is used
+    entry = open_cache(tmp_path / "c").manifest["models"][0]
+    assert (entry["weights"], entry["random_init"]) == (str(weights), False)

@@ -46,7 +46,7 @@ from klas.fs import (
     LOCK, MARKER, DirLock, DiskFull, allocate, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir,
     format_bytes, write_json_atomic,
 )
-from klas.models import LoadedModel, ModelSpec, Profile, load_model, parse_spec
+from klas.models import LoadedModel, ModelSpec, Profile, check_random_init, load_model, parse_spec
 from klas.optim import AMP_DTYPES, autocast, parse_amp
 from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
 
@@ -138,7 +138,8 @@ def _whole(value: Any, least: int) -> bool:
 
 
 def _check_options(
-    models: Sequence[str], splits: Sequence[str] | None, batch_size: int, limit: int | None, preprocess: dict | None
+    models: Sequence[str], splits: Sequence[str] | None, batch_size: int, limit: int | None, preprocess: dict | None,
+    random_init: bool = False,
 ) -> tuple[list[ModelSpec], list[str]]:
     """Refuse bad arguments before anything is loaded or written: one message per option, naming the value."""
     from klas.data import SPLITS
@@ -159,6 +160,7 @@ def _check_options(
     if not models:
         raise KlasError("no models given; pass --model NAME at least once")
     specs = [parse_spec(m) for m in models]
+    check_random_init(specs, random_init)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         twice = max(names, key=names.count)
@@ -392,7 +394,7 @@ def build_cache(
 
     start = time.perf_counter()
     out, root = Path(out), Path(root)
-    specs, splits = _check_options(models, splits, batch_size, limit, preprocess)
+    specs, splits = _check_options(models, splits, batch_size, limit, preprocess, random_init)
     rank, world = dist_rank_world()
     dev, amp = _device(device, amp, rank, world)
     req = _Request(specs, str(data), out, splits, limit, random_init, batch_size, resolve_workers(workers, dev),
