@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort, click_errors.Abort if hasattr(click_errors, "Abort") else typer.Abort):
         rc = 130
     if rc == 130:  # Ctrl-C (typer turns it into exit status 130)
-        err.print(f"[yellow]interrupted[/]: finished work is kept; {_continue_hint(args)}")
+        err.print(f"[yellow]interrupted[/]: finished work is kept; {_continue_hint(args)}", soft_wrap=True)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -21,7 +21,7 @@ from test_train import FAST, PAIRS, quiet, write_selection  # noqa: E402
 
 from klas.errors import KlasError  # noqa: E402
 from klas.train import train_run  # noqa: E402
-from klas.train.checkpoint import checkpoint_path  # noqa: E402
+from klas.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -457,3 +457,102 @@ def test_random_init_with_a_weights_file_is_refused(vit_cache, tmp_path, monkeyp
     assert klas(monkeypatch, capsys, *args)[0] == 0  # the hint: without --random-init the file is used
     entry = open_cache(tmp_path / "c").manifest["models"][0]
     assert (entry["weights"], entry["random_init"]) == (str(weights), False)
+
+
+# -- 5./6. every hint names the right command; locks before the long work --------------------------------
+
+#: A tree on the session's two-ViT cache, as short as klas tree allows.
+TREE = ["--trunk", "klas_vit_ti", "--share-at", "3", "--epochs", "1", "--task-epochs", "1", "--probe-epochs", "1",
+        "--init-images", "20", "--steps-per-epoch", "2", "--no-latency"]
+
+
+def test_a_second_klas_tree_learns_of_the_lock_before_scoring(vit_cache, tmp_path, monkeypatch, capsys):
+    import os
+
+    import klas.tree.run as tree_run
+    from klas.fs import DirLock, claim_dir
+
+    def scoring(*a, **k):
+        raise AssertionError("klas tree scored before it took the run's lock")
+
+    monkeypatch.setattr(tree_run, "plan_tree", scoring)
+    run = claim_dir(tmp_path / "run", "tree", "--run")
+    with DirLock(run, "--run"):
+        msg = refused(monkeypatch, capsys, "tree", str(vit_cache), "--run", str(run), "--root", str(vit_cache.parent), *TREE)
+    assert f"another klas process (pid {os.getpid()}) is writing {run}" in msg
+
+
+def test_klas_tree_hints_name_the_commands_that_continue_or_redo_it(vit_cache, tmp_path, monkeypatch, capsys):
+    import json
+
+    import klas.tree.fit as tree_fit
+
+    run, real_fit = tmp_path / "run", tree_fit.fit
+    args = ["tree", str(vit_cache), "--run", str(run), "--root", str(vit_cache.parent), *TREE]
+    calls = []
+
+    def ctrl_c_in_the_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(tree_fit, "fit", ctrl_c_in_the_second_epoch)
+    code, err = klas(monkeypatch, capsys, *args)
+    hint = "interrupted: finished work is kept; re-run the same command with --resume added to continue"
+    assert code == 130 and err.strip().splitlines()[-1] == hint  # before: "re-run the same command" (no --resume)
+    assert not (run / "tree.json").exists()
+    monkeypatch.setattr(tree_fit, "fit", real_fit)
+    assert klas(monkeypatch, capsys, *args, "--resume")[0] == 0 and (run / "tree.json").is_file()
+    # a checkpoint of another training (its own hash intact) is refused by export, which names how to redo it
+    ckpt_file = run / "checkpoints" / "s3.pt"
+    good = ckpt_file.read_bytes()
+    ckpt = load_checkpoint(ckpt_file)
+    for state in ckpt["stitch_states"].values():
+        next(iter(state.values())).add_(0.5)
+    save_checkpoint(ckpt_file, {k: v for k, v in ckpt.items() if k not in ("format", "weights_sha256")})
+    msg = refused(monkeypatch, capsys, "export", "tree", str(run), "--root", str(vit_cache.parent))
+    assert f"checkpoint {ckpt_file} is not the one tree.json was evaluated with" in msg
+    assert msg.endswith(f"klas tree {vit_cache} --run {run} --overwrite")
+    ckpt_file.write_bytes(good)
+    # the cache changed since the tree was trained: the hint redoes the tree (before: "rerun klas search, then train")
+    manifest = json.loads((run / "tree.json").read_text())
+    manifest["cache"]["fingerprint"] = "0" * 64
+    (run / "tree.json").write_text(json.dumps(manifest))
+    msg = refused(monkeypatch, capsys, "export", "tree", str(run), "--root", str(vit_cache.parent))
+    redo = f"klas tree {vit_cache} --run {run} --overwrite"
+    assert msg.endswith(f"rerun the tree on it: {redo}") and "klas search" not in msg
+    calls.clear()  # the hinted command is accepted and trains (stopped in its second epoch, to stay quick)
+    monkeypatch.setattr(tree_fit, "fit", ctrl_c_in_the_second_epoch)
+    assert klas(monkeypatch, capsys, *redo.split()[1:], "--root", str(vit_cache.parent), *TREE)[0] == 130
+    assert len(calls) == 2 and not (run / "tree.json").exists()
+
+
+def test_a_cache_without_its_manifest_or_a_run_given_as_a_cache_is_named(vit_cache, tmp_path, monkeypatch, capsys):
+    from klas.cache import open_cache
+    from klas.run import claim_run
+
+    run = claim_run(tmp_path / "run")
+    msg = refused(monkeypatch, capsys, "search", str(run), "--run", str(tmp_path / "r2"))
+    assert f"{run} is a klas run directory, not a cache" in msg and "no cache at" not in msg
+    copy = shutil.copytree(vit_cache, tmp_path / "c")
+    (copy / "manifest.json").unlink()
+    msg = refused(monkeypatch, capsys, "search", str(copy), "--run", str(tmp_path / "r2"))
+    assert msg == (f"error: cache {copy} has lost its manifest.json (its arrays cannot be checked without it); rebuild "
+                   f"it: re-run the klas cache command that made it, with --overwrite")
+    made_it = ["cache", "--model", "klas_vit_ti", "--model", "klas_vit_s", "--data", "digits", "--limit", "100",
+               "--random-init", "--out", str(copy), "--root", str(vit_cache.parent)]
+    assert klas(monkeypatch, capsys, *made_it, "--overwrite")[0] == 0
+    assert open_cache(copy).fingerprint == open_cache(vit_cache).fingerprint
+
+
+def test_klas_train_refuses_a_resume_with_other_options_before_loading_data(two_trainings, monkeypatch, capsys):
+    import klas.train.loop as loop
+
+    def loading(*a, **k):
+        raise AssertionError("klas train loaded the data before checking the checkpoint's options")
+
+    monkeypatch.setattr(loop, "SplitData", loading)
+    msg = refused(monkeypatch, capsys, "train", str(two_trainings[0]), "--resume", "--epochs", "2", "--frozen",
+                  "--batch-size", "32", "--lr", "0.1")
+    assert "was made with other options: lr=0.003 (now 0.1)" in msg

@@ -210,18 +210,16 @@ def _devices(cfg: TrainConfig) -> tuple[int, int, torch.device, torch.dtype | No
     return rank, world, dev, parse_amp(cfg.amp, dev)
 
 
-def _check_resume_config(ctx: RunContext) -> None:
-    """A resumed checkpoint must have the same recipe; a changed environment earns a note."""
-    if ctx.ckpt is None:
-        return
-    old, config = ctx.ckpt.get("config", {}), ctx.config
+def _check_resume_config(ckpt: dict | None, config: dict, ckpt_path: Path) -> list[str]:
+    """A resumed checkpoint must have the same recipe; returns what changed in the environment (for a note)."""
+    if ckpt is None:
+        return []
+    old = ckpt.get("config", {})
     diff = [f"{k}={old.get(k)!r} (now {config[k]!r})" for k in TrainConfig.recipe_keys() if old.get(k) != config[k]]
     if diff:
-        raise KlasError(f"checkpoint {ctx.ckpt_path} was made with other options: {'; '.join(diff)}; "
+        raise KlasError(f"checkpoint {ckpt_path} was made with other options: {'; '.join(diff)}; "
                         f"resume with the same options, or pass --overwrite without --resume to start over")
-    moved = [f"{k} {old.get(k)} -> {config[k]}" for k in ENVIRONMENT_KEYS if old.get(k) != config[k]]
-    if moved:
-        ctx.say(f"[yellow]note:[/] resuming with {', '.join(moved)}; results may differ from an uninterrupted run")
+    return [f"{k} {old.get(k)} -> {config[k]}" for k in ENVIRONMENT_KEYS if old.get(k) != config[k]]
 
 
 def prepare_run(run_dir: Path, cfg: TrainConfig, console: Console, progress: bool) -> RunContext:
@@ -235,16 +233,18 @@ def prepare_run(run_dir: Path, cfg: TrainConfig, console: Console, progress: boo
     cache = open_run_cache(selection, run_dir)
     rank, world, dev, amp_dtype = _devices(cfg)
     timer = _Timer()
-    data = {split: SplitData(cache, split, root=cfg.root, preload_limit_gb=cfg.preload_limit_gb, workers=cfg.workers)
-            for split in (TRAIN_SPLIT, EVAL_SPLIT)}
-    timer.lap("data")
-    steps = cfg.steps_per_epoch or math.ceil(data[TRAIN_SPLIT].n / (cfg.batch_size * world))
+    steps = cfg.steps_per_epoch or math.ceil(len(cache.labels(TRAIN_SPLIT)) / (cfg.batch_size * world))
     cfg = cfg.resolved(steps_per_epoch=steps, layer=cfg.layer or selection.get("layer") or "linear")
     config = {**cfg.recipe(), "world_size": world, "device": str(dev),
               "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"}
+    moved = _check_resume_config(ckpt, config, checkpoint_path(run_dir))  # before loading the data: fail at once
+    data = {split: SplitData(cache, split, root=cfg.root, preload_limit_gb=cfg.preload_limit_gb, workers=cfg.workers)
+            for split in (TRAIN_SPLIT, EVAL_SPLIT)}
+    timer.lap("data")
     ctx = RunContext(run_dir, cfg, selection, specs, sel_hash, ckpt, cache, rank, world, dev, amp_dtype,
                      data[TRAIN_SPLIT], data[EVAL_SPLIT], config, console, progress, timer)
-    _check_resume_config(ctx)
+    if moved:
+        ctx.say(f"[yellow]note:[/] resuming with {', '.join(moved)}; results may differ from an uninterrupted run")
     return ctx
 
 

@@ -262,11 +262,12 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-tree"
     check_dir(run_dir, cfg)
     device = resolve_device(cfg.device)
-    plan = plan_tree(cache, cfg, device, console, progress)
-    for t in plan_tables(plan, cfg.trunk is None):
-        console.print(t)
     claim_dir(run_dir, KIND, "--run")
-    with DirLock(run_dir, "--run"):
+    with DirLock(run_dir, "--run"):  # before the scoring: a second klas tree on this run learns of it at once
+        check_dir(run_dir, cfg)  # again: a writer that held the lock may have finished meanwhile
+        plan = plan_tree(cache, cfg, device, console, progress)
+        for t in plan_tables(plan, cfg.trunk is None):
+            console.print(t)
         prepare_dir(run_dir, cfg)
         return _run_locked(cache, run_dir, plan, cfg, device, console, progress, t0)
 

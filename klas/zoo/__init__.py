@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from klas.errors import KlasError
-from klas.fs import ensure_writable_dir
+from klas.fs import DirLock, ensure_writable_dir
 from klas.models import register_weights_source
 from klas.utils import DEFAULT_ROOT, read_json, sha256_file
 from klas.zoo.models import arch_args  # importing klas.zoo.models registers the architectures with timm
@@ -164,7 +164,8 @@ def train_zoo(
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            train_and_record(todo, root=root, console=console or Console(stderr=True))
+            with DirLock(zoo_dir(root), "--root"):  # one trainer per zoo: a second one learns of it at once
+                train_and_record(todo, root=root, console=console or Console(stderr=True))
         finally:
             torch.set_num_threads(previous)
     return read_zoo(root)
