@@ -104,16 +104,17 @@ def read_selection(run_dir: Path | str) -> dict:
                             f"CACHE --run NAME writes one)")
         raise KlasError(f"run directory {run_dir} has no {SELECTION} (klas search has not finished there); {create}")
     sel = read_json(path, "selection")
+    redo = f"search again: klas search CACHE --run {run_dir} --overwrite"
     if not isinstance(sel, dict) or sel.get("format") != SELECTION_FORMAT:
-        raise KlasError(f"{path} is not a {SELECTION_FORMAT} file; rerun klas search")
+        raise KlasError(f"{path} is not a {SELECTION_FORMAT} file; {redo}")
     for key, kind in (("cache", dict), ("stitches", list), ("anchors", list)):
         if not isinstance(sel.get(key), kind):
-            raise KlasError(f"{path} lacks a valid {key!r}; rerun klas search")
+            raise KlasError(f"{path} lacks a valid {key!r}; {redo}")
     entries_ok = (isinstance(sel["cache"].get("path"), str)
                   and all(isinstance(s, dict) for s in sel["stitches"])
                   and all(isinstance(a, dict) and isinstance(a.get("name"), str) for a in sel["anchors"]))
     if not entries_ok:
-        raise KlasError(f"{path} has malformed cache, stitch or anchor entries; rerun klas search")
+        raise KlasError(f"{path} has malformed cache, stitch or anchor entries; {redo}")
     return sel
 
 

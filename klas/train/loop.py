@@ -255,7 +255,8 @@ def build_trainer(ctx: RunContext) -> Trainer:
     used = list(dict.fromkeys([a["name"] for a in ctx.selection["anchors"]] + [n for s in ctx.specs for n in (s.src, s.dst)]))
     missing = [n for n in used if n not in ctx.cache.model_names]
     if missing:
-        raise KlasError(f"selection names models {missing} that cache {ctx.cache.path} does not hold; rerun klas search")
+        raise KlasError(f"selection names models {missing} that cache {ctx.cache.path} does not hold; search again: "
+                        f"klas search {ctx.cache.path} --run {ctx.run_dir} --overwrite")
     ctx.say(f"loading {len(used)} models from {ctx.cache.path} ...")
     models = [m for m in ctx.cache.load_models(device=ctx.device, root=cfg.root) if m.name in used]
     net = StitchNet.from_loaded(models, ctx.specs, kind=cfg.layer).to(ctx.device)

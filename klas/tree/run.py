@@ -168,7 +168,7 @@ def read_manifest(run_dir: Path | str) -> dict:
                         f"--run {run_dir} --resume")
     m = read_json(path, "tree manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("trees"), list):
-        raise KlasError(f"{path} is not a {FORMAT} manifest; rerun klas tree with --overwrite")
+        raise KlasError(f"{path} is not a {FORMAT} manifest; rerun: klas tree CACHE --run {run_dir} --overwrite")
     return m
 
 
