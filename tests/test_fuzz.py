@@ -482,6 +482,20 @@ def test_a_second_klas_tree_learns_of_the_lock_before_scoring(vit_cache, tmp_pat
     assert f"another klas process (pid {os.getpid()}) is writing {run}" in msg
 
 
+def test_klas_tree_refuses_to_resume_checkpoints_of_another_cache(vit_cache, tmp_path, monkeypatch, capsys):
+    from klas.fs import claim_dir
+    from klas.tree import TreeConfig, parse_share_at
+
+    run = claim_dir(tmp_path / "run", "tree", "--run")
+    cfg = TreeConfig(trunk="klas_vit_ti", share_at=parse_share_at("3"), epochs=1, task_epochs=1, probe_epochs=1,
+                     init_images=20, steps_per_epoch=2, latency=False)
+    save_checkpoint(run / "checkpoints" / "s3.pt", {"config": cfg.recipe(), "cache_fingerprint": "f" * 64,
+                                                    "stitch_states": {}})
+    msg = refused(monkeypatch, capsys, "tree", str(vit_cache), "--run", str(run), "--root", str(vit_cache.parent),
+                  *TREE, "--resume")
+    assert f"checkpoint {run / 'checkpoints' / 's3.pt'} was trained on another cache (fingerprint ffffffffffff" in msg
+
+
 def test_klas_tree_hints_name_the_commands_that_continue_or_redo_it(vit_cache, tmp_path, monkeypatch, capsys):
     import json
 

@@ -36,7 +36,7 @@ from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
     classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
-from klas.tree.fit import CHECKPOINTS, load_tree_checkpoint, train_tree, tree_checkpoint
+from klas.tree.fit import CHECKPOINTS, check_tree_cache, load_tree_checkpoint, train_tree, tree_checkpoint
 from klas.units import FLOPS_CONVENTION
 from klas.utils import package_versions, resolve_device, sha256_json
 
@@ -132,9 +132,9 @@ def plan_tables(plan: Plan, auto_trunk: bool) -> list[Table]:
 # -- the run directory ------------------------------------------------------------------------------
 
 
-def check_dir(run_dir: Path, cfg: TreeConfig) -> None:
+def check_dir(run_dir: Path, cfg: TreeConfig, cache_fingerprint: str | None = None) -> None:
     """Before any work: refuse to clobber earlier output unasked, to resume nothing, or to resume
-    checkpoints made with another recipe (the trees themselves are compared once chosen)."""
+    checkpoints made with another recipe or on another cache (the trees themselves are compared once chosen)."""
     earlier = (run_dir / MANIFEST).exists() or (run_dir / CHECKPOINTS).exists()
     if earlier and not (cfg.resume or cfg.overwrite):
         raise KlasError(f"run {run_dir} already has tree output; pass --resume to continue it or --overwrite to start over")
@@ -142,9 +142,11 @@ def check_dir(run_dir: Path, cfg: TreeConfig) -> None:
     if cfg.resume and not ckpts:
         raise KlasError(f"run {run_dir} has nothing to resume; run klas tree without --resume")
     for path in ckpts[:1]:
-        if load_checkpoint(path).get("config") != cfg.recipe():
+        ckpt = load_checkpoint(path)
+        if ckpt.get("config") != cfg.recipe():
             raise KlasError(f"checkpoint {path} was made with other options or another tree; resume with the same "
                             f"options, or pass --overwrite to start over")
+        check_tree_cache(ckpt, path, cache_fingerprint)
 
 
 def prepare_dir(run_dir: Path, cfg: TreeConfig) -> None:
@@ -260,11 +262,11 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     cache = open_cache(cache_path)
     check_request(cache, cfg)
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-tree"
-    check_dir(run_dir, cfg)
+    check_dir(run_dir, cfg, cache.fingerprint)
     device = resolve_device(cfg.device)
     claim_dir(run_dir, KIND, "--run")
     with DirLock(run_dir, "--run"):  # before the scoring: a second klas tree on this run learns of it at once
-        check_dir(run_dir, cfg)  # again: a writer that held the lock may have finished meanwhile
+        check_dir(run_dir, cfg, cache.fingerprint)  # again: a writer that held the lock may have finished meanwhile
         plan = plan_tree(cache, cfg, device, console, progress)
         for t in plan_tables(plan, cfg.trunk is None):
             console.print(t)
@@ -285,7 +287,8 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch
     fits = {}
     for spec in plan.specs:
         fits[spec.share] = train_tree(run_dir, models, spec, cfg, data["probe-train"], targets, device,
-                                      console=console, progress=progress, budget=budget)
+                                      console=console, progress=progress, budget=budget,
+                                      cache_fingerprint=cache.fingerprint)
         if fits[spec.share].epoch_done < cfg.total_epochs:
             console.print(f"stopped at share point {spec.share}, epoch {fits[spec.share].epoch_done}/{cfg.total_epochs}; "
                           f"continue with --resume")
@@ -326,7 +329,7 @@ def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None, d
         raise KlasError(f"tree run {run_dir} has no share point {share}; it has {[r['share'] for r in manifest['trees']]}")
     spec = TreeSpec.from_json(row["spec"])
     cache = open_run_cache(manifest, run_dir, stage="tree")
-    ckpt = load_tree_checkpoint(tree_checkpoint(run_dir, share), spec, manifest["config"])
+    ckpt = load_tree_checkpoint(tree_checkpoint(run_dir, share), spec, manifest["config"], manifest["cache"].get("fingerprint"))
     if int(ckpt["epoch"]) != manifest["config"]["epochs"] + manifest["config"]["task_epochs"]:
         raise KlasError(f"checkpoint of share point {share} in {run_dir} is not the evaluated one; rerun: klas tree "
                         f"{manifest['cache']['path']} --run {run_dir} --resume (with the options it was made with)")
