@@ -69,6 +69,9 @@ class DiskFull(KlasError):
         """The same error with another fix (a command that continues the interrupted stage)."""
         return DiskFull(self.path, self.need, fix)
 
+    def __reduce__(self):  # pickled (a worker process, torchrun): the same one line, as a KlasError
+        return KlasError, (str(self),)
+
 
 def _free_bytes(path: Path) -> int | None:
     probe = Path(path)

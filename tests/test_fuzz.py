@@ -4,9 +4,16 @@ Each case is what a careless or unlucky user does (a swapped checkpoint, an edit
 disk, a hostile image, an input that would silently change the computation, a hint that names the
 wrong command); each must end in one ``error:`` line, exit status 2, and nothing half-written that
 looks complete. Everything runs in-process (``klas.cli.main`` or library calls) on tiny data.
+
+The 51 cases of the earlier pass (issue 8) stay where they were added: ``tests/test_cache_safety.py``
+(the cache: foreign directories, integrity, NaN, progress files, weights, permissions, one writer,
+bad values), ``tests/test_run.py`` (runs: stale stages, foreign or unwritable ``--run``, one writer),
+``tests/test_cli.py`` (usage errors) and the refusal tests of ``test_train.py`` / ``test_export.py``.
+This module reuses their helpers (``refused``, ``klas``, the FakeCache of ``test_train.py``).
 """
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -24,6 +31,11 @@ from klas.train import train_run  # noqa: E402
 from klas.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# Stages that bind ``klas.cache.open_cache`` when first imported: imported here, before a test serves a
+# FakeCache through it (``_serve``), so that none of them keeps the stand-in after that test.
+for _stage in ("klas.export", "klas.search", "klas.tree"):
+    importlib.import_module(_stage)
 
 
 # -- 1. artifacts verify what they claim -------------------------------------------------------------
