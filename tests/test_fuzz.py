@@ -301,11 +301,21 @@ def test_a_disk_that_fills_during_klas_cache_is_one_line_never_sigbus(vit_cache,
         open_cache(out, verify=True)
 
 
-def test_klas_cache_allocates_its_arrays_for_real(vit_cache):
+def test_klas_cache_allocates_its_arrays_before_writing_rows(vit_cache, tmp_path, monkeypatch, capsys):
     """No sparse file: a full disk must surface while the files are made, not while rows are written."""
-    for path in vit_cache.rglob("*.npy"):
-        st = path.stat()
-        assert st.st_blocks * 512 >= st.st_size, path
+    import klas.cache.writer as writer
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C before the first batch: the arrays exist, no row is written yet
+
+    monkeypatch.setattr(writer, "_compute", stop)
+    out = tmp_path / "c"
+    code, _ = klas(monkeypatch, capsys, "cache", "--model", MODEL, *CLI, "--data", "digits", "--out", str(out),
+                   "--root", str(vit_cache.parent))
+    arrays = sorted(out.rglob("features.npy")) + sorted(out.rglob("logits.npy"))
+    assert code == 130 and len(arrays) == 6
+    for path in arrays:  # before issue 18: 8 KiB of blocks for a file of ~48 KiB (a hole where the rows go)
+        assert path.stat().st_blocks * 512 >= path.stat().st_size, path
 
 
 def test_a_full_disk_in_search_is_one_line_and_the_hint_finishes_it(vit_cache, tmp_path, monkeypatch, capsys):
