@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from klas.errors import KlasError
-from klas.fs import DEFAULT_ROOT, format_bytes
+from klas.fs import DEFAULT_ROOT, DiskFull, format_bytes, is_disk_full
 from klas.term import make_console
 from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE
 
@@ -363,23 +363,44 @@ def _fail(message: str) -> None:
     sys.exit(KlasError.exit_code)
 
 
+def _continue_hint(argv: list[str]) -> str:
+    """How to finish a command that stopped part-way (Ctrl-C, a full disk): klas train and klas tree
+    continue from their checkpoints with --resume (never with --overwrite, which starts over); klas cache
+    continues by itself; the other stages simply run again."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command in ("train", "tree"):
+        how = "in place of --overwrite" if "--overwrite" in argv else "added"
+        return f"re-run the same command with --resume {how} to continue"
+    if command == "cache":
+        return "re-run the same command to continue where it stopped"
+    return "re-run the same command"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: KlasError and usage errors -> one line on stderr, exit 2."""
+    """Console-script entry point: KlasError and usage errors -> one line on stderr, exit 2; a full disk
+    (:class:`klas.fs.DiskFull`, or an ENOSPC no klas writer caught) too, with how to continue."""
+    args = sys.argv[1:] if argv is None else argv
     try:
         rc = app(args=argv, prog_name="klas", standalone_mode=False)
     except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare ``klas``, ``klas export``: help, exit 0
         typer.echo(exc.ctx.get_help())
         rc = 0
     except click_errors.UsageError as exc:  # a bad value, an unknown option, a missing argument
-        _fail(_usage_error(exc, sys.argv[1:] if argv is None else argv))
+        _fail(_usage_error(exc, args))
     except click_errors.ClickException as exc:
         _fail(" ".join(exc.format_message().split()))
+    except DiskFull as exc:
+        _fail(str(exc.with_fix(f"free some space there, then {_continue_hint(args)}")))
     except KlasError as exc:
         _fail(str(exc))
+    except OSError as exc:  # a write outside klas's atomic writers (a directory, a plot)
+        if not is_disk_full(exc):
+            raise
+        _fail(str(DiskFull(exc.filename or "the output", "more space", f"free some space there, then {_continue_hint(args)}")))
     except (KeyboardInterrupt, typer.Abort, click_errors.Abort if hasattr(click_errors, "Abort") else typer.Abort):
         rc = 130
     if rc == 130:  # Ctrl-C (typer turns it into exit status 130)
-        err.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to continue (klas train: add --resume)")
+        err.print(f"[yellow]interrupted[/]: finished work is kept; {_continue_hint(args)}", soft_wrap=True)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -12,4 +12,8 @@ class KlasError(Exception):
     exit_code = 2
 
     def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            # torch re-raises an error of a DataLoader worker as this type with the worker's whole
+            # traceback as the message: keep the original one line (the traceback's last line)
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
         super().__init__(" ".join(message.split()))

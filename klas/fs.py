@@ -14,6 +14,11 @@ The promises these helpers keep for every stage:
   length of a stage; a second process gets one line naming the first, not a crash halfway.
 * **Fail before the long work.** :func:`ensure_writable_dir` and :func:`check_free_space` run before
   any model is loaded, so permissions, a file in the way or a full disk surface at once.
+* **A full disk is one line.** A disk that fills while an atomic writer writes (whatever library
+  writes: ``json``, ``torch.save``, safetensors, pyarrow, numpy, matplotlib) raises :class:`DiskFull`,
+  a :class:`KlasError` naming the file and the space it needs; the temporary file is removed and the
+  old file stays. :func:`allocate` gives a file its disk blocks up front, so memory-mapped writes
+  into it later cannot meet a full disk (which would kill the process with SIGBUS, no message).
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ from typing import IO, Any, Callable, Iterator
 from klas.errors import KlasError
 
 __all__ = [
-    "DEFAULT_ROOT", "MARKER", "LOCK", "atomic_write", "atomic_path", "write_json_atomic", "read_json", "atomic_dir",
-    "ensure_writable_dir", "check_free_space", "format_bytes", "dir_kind", "claim_dir", "clear_dir", "DirLock",
+    "DEFAULT_ROOT", "MARKER", "LOCK", "DiskFull", "atomic_write", "atomic_path", "write_json_atomic", "read_json",
+    "atomic_dir", "allocate", "is_disk_full", "ensure_writable_dir", "check_free_space", "format_bytes", "dir_kind",
+    "claim_dir", "clear_dir", "DirLock",
 ]
 
 #: Where klas writes by default; override with the KLAS_CACHE environment variable.
@@ -40,6 +46,74 @@ MARKER = ".klas-dir.json"
 
 #: Lock file a stage holds while it writes a directory.
 LOCK = ".klas.lock"
+
+
+#: errno values of a full disk (or a full quota).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: How writers that lose the errno still say it (numpy, safetensors, pyarrow, torch).
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "errno 28", "storagefull")
+#: A writer that failed while less than this was free ran out of space (some, like torch.save, lose the errno).
+_NEARLY_FULL = 1 << 20
+
+
+class DiskFull(KlasError):
+    """No space left while klas wrote ``path``: one line naming the file, the space it needs and the fix."""
+
+    def __init__(self, path: Path | str, need: str, fix: str = "free some space there and re-run the command") -> None:
+        self.path, self.need = Path(path), need
+        free = _free_bytes(self.path)
+        where = "" if free is None else f", {format_bytes(free)} free there"
+        super().__init__(f"no space left on device writing {self.path} (it needs {need}{where}); {fix}")
+
+    def with_fix(self, fix: str) -> "DiskFull":
+        """The same error with another fix (a command that continues the interrupted stage)."""
+        return DiskFull(self.path, self.need, fix)
+
+    def __reduce__(self):  # pickled (a worker process, torchrun): the same one line, as a KlasError
+        return KlasError, (str(self),)
+
+
+def _free_bytes(path: Path) -> int | None:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException, path: Path | str | None = None) -> bool:
+    """Whether ``exc`` (or what caused it) means the disk is full: ENOSPC/EDQUOT, a writer's words for
+    it, or, for a writer that loses both (torch.save), a failure while under 1 MiB is free at ``path``.
+    Interrupts and KlasErrors are never a full disk."""
+    if not isinstance(exc, Exception) or isinstance(exc, KlasError):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(seen).lower() for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = _free_bytes(Path(path)) if path is not None else None
+    return free is not None and free < _NEARLY_FULL
+
+
+def _size(path: Path) -> int:
+    """Bytes under ``path`` (a file, or a directory's files); 0 when it is gone."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _need(written: int, previous: int) -> str:
+    """The space a write needs, as far as the failed attempt tells: the size of the file it replaces, else
+    more than what was written when the disk filled."""
+    return f"about {format_bytes(previous)}" if previous > written else f"more than {format_bytes(written)}"
 
 
 def _why(exc: OSError) -> str:
@@ -54,23 +128,44 @@ def _why(exc: OSError) -> str:
     return exc.strerror or exc.__class__.__name__
 
 
+class _Recorded:
+    """A file that remembers the OSError its ``write`` raised: some writers (torch.save) turn it into
+    an error without the errno, which :func:`atomic_write` needs to tell a full disk."""
+
+    def __init__(self, fh: IO) -> None:
+        self._fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._fh, name)
+
+
 @contextmanager
 def atomic_write(path: Path | str, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was; a full disk is
+    :class:`DiskFull`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fh = None
     try:
-        with open(tmp, mode) as fh:
+        with open(tmp, mode) as raw:
+            fh = _Recorded(raw)
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _give_up(exc if fh is None or fh.error is None else fh.error, path, tmp)
         raise
 
 
@@ -86,9 +181,22 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _give_up(exc, path, tmp)
         raise
+
+
+def _give_up(exc: BaseException, path: Path, tmp: Path) -> None:
+    """A failed atomic write (``exc``: what went wrong): remove the temporary file (or directory); a full
+    disk becomes :class:`DiskFull`."""
+    full = isinstance(exc, DiskFull) or is_disk_full(exc, tmp)  # a nested writer's DiskFull names a temporary path
+    written = _size(tmp)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+    if full:
+        raise DiskFull(path, _need(written, _size(path))) from exc
 
 
 def write_json_atomic(path: Path | str, data: Any) -> None:
@@ -121,12 +229,44 @@ def atomic_dir(final: Path | str, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        _give_up(exc, final, tmp)
         raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def allocate(path: Path | str) -> None:
+    """Give every byte of the file ``path`` its disk blocks now (no holes), keeping its contents.
+
+    A sparse file (what ``np.lib.format.open_memmap`` makes) takes blocks only when its pages are
+    written back; on a full disk that kills the process with SIGBUS. ``posix_fallocate`` where the
+    system has it, else each block is read and written back (zeros where it is still a hole). A full
+    disk is :class:`DiskFull` naming the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except AttributeError:  # no posix_fallocate (macOS)
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        step = 1 << 20
+        for offset in range(0, size, step):
+            os.pwrite(fd, os.pread(fd, min(step, size - offset), offset), offset)
+        os.fsync(fd)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(path, format_bytes(size)) from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def ensure_writable_dir(path: Path | str, flag: str) -> Path:
@@ -254,10 +394,16 @@ class DirLock:
                 f"another klas process (pid {holder}) is writing {self.path}; wait for it to finish "
                 f"or choose another {self.flag}"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+        except OSError as exc:
+            fh.close()
+            if is_disk_full(exc):
+                raise DiskFull(lock, "a few bytes") from None
+            raise
         self._fh = fh
         return self
 

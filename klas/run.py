@@ -104,16 +104,17 @@ def read_selection(run_dir: Path | str) -> dict:
                             f"CACHE --run NAME writes one)")
         raise KlasError(f"run directory {run_dir} has no {SELECTION} (klas search has not finished there); {create}")
     sel = read_json(path, "selection")
+    redo = f"search again: klas search CACHE --run {run_dir} --overwrite"
     if not isinstance(sel, dict) or sel.get("format") != SELECTION_FORMAT:
-        raise KlasError(f"{path} is not a {SELECTION_FORMAT} file; rerun klas search")
+        raise KlasError(f"{path} is not a {SELECTION_FORMAT} file; {redo}")
     for key, kind in (("cache", dict), ("stitches", list), ("anchors", list)):
         if not isinstance(sel.get(key), kind):
-            raise KlasError(f"{path} lacks a valid {key!r}; rerun klas search")
+            raise KlasError(f"{path} lacks a valid {key!r}; {redo}")
     entries_ok = (isinstance(sel["cache"].get("path"), str)
                   and all(isinstance(s, dict) for s in sel["stitches"])
                   and all(isinstance(a, dict) and isinstance(a.get("name"), str) for a in sel["anchors"]))
     if not entries_ok:
-        raise KlasError(f"{path} has malformed cache, stitch or anchor entries; rerun klas search")
+        raise KlasError(f"{path} has malformed cache, stitch or anchor entries; {redo}")
     return sel
 
 
@@ -136,23 +137,28 @@ def resolve_cache_path(selection: dict, run_dir: Path) -> Path:
     return p
 
 
-def open_run_cache(selection: dict, run_dir: Path):
-    """Open the selection's cache, refusing when it is gone or its fingerprint changed."""
+def open_run_cache(selection: dict, run_dir: Path, stage: str = "search"):
+    """Open the cache a run's manifest names (``selection.json``, or a tree run's ``tree.json``), refusing
+    when it is gone or its fingerprint changed; ``stage`` ("search" | "tree") is what made the run and
+    decides the command the message gives to redo it."""
     from klas import cache as cache_mod
 
     path = resolve_cache_path(selection, run_dir)
+    if stage == "tree":
+        redo = f"rerun the tree on it: klas tree {path} --run {run_dir} --overwrite"
+    else:
+        redo = f"search again: klas search {path} --run {run_dir} --overwrite, then klas train {run_dir}"
     try:
         cache = cache_mod.open_cache(path)
     except KlasError as exc:
         raise KlasError(
-            f"the cache this run was searched on is gone or incomplete ({exc}); recreate it with the same "
-            f"klas cache command, or search again"
+            f"the cache this run was made from is gone or incomplete ({exc}); recreate it with the same "
+            f"klas cache command, or {redo}"
         ) from None
     want = selection["cache"].get("fingerprint")
     if cache.fingerprint != want:
         raise KlasError(
-            f"cache {path} changed since the search (fingerprint {cache.fingerprint[:12]} != {str(want)[:12]}); "
-            f"rerun klas search on it, then train"
+            f"cache {path} changed since the {stage} (fingerprint {cache.fingerprint[:12]} != {str(want)[:12]}); {redo}"
         )
     return cache
 

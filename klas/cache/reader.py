@@ -9,6 +9,7 @@ import numpy as np
 
 from klas.cache.integrity import verify_files
 from klas.errors import KlasError
+from klas.fs import LOCK, MARKER, dir_kind
 from klas.models import LoadedModel, Profile, load_model, parse_spec
 from klas.utils import DEFAULT_ROOT, read_json
 
@@ -201,6 +202,13 @@ def open_cache(path: Path | str, verify: bool = False) -> Cache:
             if why:
                 raise KlasError(f"cache {path} is unfinished: {why}")
             raise KlasError(f"cache {path} is incomplete (interrupted?); re-run the same klas cache command to finish it")
+        kind = dir_kind(path, recognise_cache)
+        if kind not in (None, "cache"):
+            raise KlasError(f"{path} is a klas {kind} directory, not a cache; give a cache directory (klas cache "
+                            f"--model A --model B --data DIR --out DIR writes one)")
+        if kind == "cache" and any(p.name not in (MARKER, LOCK) for p in path.iterdir()):
+            raise KlasError(f"cache {path} has lost its {MANIFEST} (its arrays cannot be checked without it); rebuild "
+                            f"it: re-run the klas cache command that made it, with --overwrite")
         raise KlasError(f"no cache at {path}; create one with: klas cache --model A --model B --data DIR --out {path}")
     manifest = read_json(manifest_path, "cache manifest")
     fmt = manifest.get("format") if isinstance(manifest, dict) else None

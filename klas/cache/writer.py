@@ -43,9 +43,10 @@ from klas.cache.integrity import VERIFIED, record_files
 from klas.cache.reader import FORMAT, MANIFEST, STATE, Cache, array_paths, open_cache, recognise_cache
 from klas.errors import KlasError
 from klas.fs import (
-    LOCK, MARKER, DirLock, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir, write_json_atomic,
+    LOCK, MARKER, DirLock, DiskFull, allocate, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir,
+    format_bytes, write_json_atomic,
 )
-from klas.models import LoadedModel, ModelSpec, Profile, load_model, parse_spec
+from klas.models import LoadedModel, ModelSpec, Profile, check_random_init, load_model, parse_spec
 from klas.optim import AMP_DTYPES, autocast, parse_amp
 from klas.term import make_console
 from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
@@ -138,7 +139,8 @@ def _whole(value: Any, least: int) -> bool:
 
 
 def _check_options(
-    models: Sequence[str], splits: Sequence[str] | None, batch_size: int, limit: int | None, preprocess: dict | None
+    models: Sequence[str], splits: Sequence[str] | None, batch_size: int, limit: int | None, preprocess: dict | None,
+    random_init: bool = False,
 ) -> tuple[list[ModelSpec], list[str]]:
     """Refuse bad arguments before anything is loaded or written: one message per option, naming the value."""
     from klas.data import SPLITS
@@ -159,6 +161,7 @@ def _check_options(
     if not models:
         raise KlasError("no models given; pass --model NAME at least once")
     specs = [parse_spec(m) for m in models]
+    check_random_init(specs, random_init)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         twice = max(names, key=names.count)
@@ -323,16 +326,20 @@ def _save_progress(out: Path, split: str, rank: int, done: list[int]) -> None:
 
 
 def _create_files(out: Path, splits: dict, loaded: list[LoadedModel], widths: list[int]) -> None:
+    """Every array at full size, its disk blocks allocated (:func:`klas.fs.allocate`): rows are later
+    written through memory maps, which must never meet a full disk (SIGBUS)."""
     for name, split in splits.items():
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
-        np.save(d / "ids.npy", split.ids.astype(np.int64))
-        np.save(d / "labels.npy", split.labels.astype(np.int64))
+        for file, values in (("ids.npy", split.ids), ("labels.npy", split.labels)):
+            with atomic_path(d / file) as tmp:
+                np.save(tmp, values.astype(np.int64))
         for m, width in zip(loaded, widths):
             (d / m.name).mkdir(exist_ok=True)
             n = len(split.ids)
-            np.lib.format.open_memmap(d / m.name / "features.npy", "w+", np.float16, (n, width)).flush()
-            np.lib.format.open_memmap(d / m.name / "logits.npy", "w+", np.float16, (n, m.adapter.num_classes)).flush()
+            for file, shape in (("features.npy", (n, width)), ("logits.npy", (n, m.adapter.num_classes))):
+                np.lib.format.open_memmap(d / m.name / file, "w+", np.float16, shape).flush()
+                allocate(d / m.name / file)
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -388,7 +395,7 @@ def build_cache(
 
     start = time.perf_counter()
     out, root = Path(out), Path(root)
-    specs, splits = _check_options(models, splits, batch_size, limit, preprocess)
+    specs, splits = _check_options(models, splits, batch_size, limit, preprocess, random_init)
     rank, world = dist_rank_world()
     dev, amp = _device(device, amp, rank, world)
     req = _Request(specs, str(data), out, splits, limit, random_init, batch_size, resolve_workers(workers, dev),
@@ -474,12 +481,19 @@ def _start_files(out, status, fingerprint, batch_size, split_defs, loaded, width
     """Rank 0, before any batch: preallocate a fresh cache (after a disk-space check) or reopen a partial one."""
     if status == "resumed":
         _write_state(out, fingerprint, batch_size, ready=True)  # forgets an error recorded by the last attempt
+        for rel in array_paths(split_defs, [m.name for m in loaded]):  # files of an older klas may be sparse
+            if (out / rel).is_file():
+                allocate(out / rel)
     if status != "written":
         return
     per_row = sum(2 * (w + m.adapter.num_classes) for m, w in zip(loaded, widths)) + 16
-    check_free_space(out, int(1.05 * per_row * sum(len(s.ids) for s in split_defs.values())) + (1 << 20))
+    need = int(1.05 * per_row * sum(len(s.ids) for s in split_defs.values())) + (1 << 20)
+    check_free_space(out, need)
     _write_state(out, fingerprint, batch_size, ready=False)
-    _create_files(out, split_defs, loaded, widths)
+    try:
+        _create_files(out, split_defs, loaded, widths)
+    except DiskFull as exc:  # the disk filled after the check: name what the whole cache needs
+        raise DiskFull(out, format_bytes(need)) from exc
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     _write_state(out, fingerprint, batch_size, ready=True)
 

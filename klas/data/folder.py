@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image
 
 from klas.errors import KlasError
 
@@ -92,12 +93,41 @@ class FolderSource:
         return self._labels[idx]
 
     def load(self, idx: int) -> Image.Image:
-        """Decode sample ``idx`` as RGB; a file PIL cannot read raises a :class:`KlasError` naming it."""
+        """Decode sample ``idx`` as 8-bit RGB (:func:`to_rgb`); a file PIL cannot read, or will not (an
+        image over its decompression-bomb limit), raises a :class:`KlasError` naming it."""
         path = self.paths[idx]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+                return to_rgb(img, path)
+        except KlasError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise KlasError(f"cannot read image {path}: {exc}; shrink or delete the file and rerun") from None
+        except Exception as exc:  # whatever a damaged or hostile file makes PIL raise
             raise KlasError(
                 f"cannot read image {path} ({exc.__class__.__name__}); fix or delete the file and rerun"
-            ) from exc
+            ) from None
+
+
+def to_rgb(img: Image.Image, path: Path | str) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit images (PIL modes ``I;16*``, and ``I`` from a PNG or a 16-bit TIFF)
+    are scaled into 0..255 (PIL's own conversion clips them: nearly every pixel white); 32-bit integer and
+    floating-point pixels, whose range klas cannot know, are refused in one line naming the file."""
+    mode = img.mode
+    bits = 16 if mode.startswith("I;16") else _integer_bits(img) if mode == "I" else None
+    if bits == 16:
+        values = np.asarray(img).astype(np.int64)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise KlasError(f"image {path} has {kind} pixels, whose range klas cannot know; convert it to 8- or 16-bit "
+                        f"RGB or grayscale, or delete it, and rerun")
+    return img.convert("RGB")
+
+
+def _integer_bits(img: Image.Image) -> int | None:
+    """Bits per sample of a PIL ``I`` image: 16 for a 16-bit PNG or TIFF, else None (unknown)."""
+    if img.format == "PNG":
+        return 16
+    tags = getattr(img, "tag_v2", None)
+    return 16 if tags is not None and tags.get(258) in (16, (16,)) else None

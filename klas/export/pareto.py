@@ -27,6 +27,7 @@ from klas.run import (
 from klas.term import make_console
 from klas.units import FLOPS_CONVENTION
 from klas.metrics import is_finite, pareto_front
+from klas.utils import sha256_json
 
 __all__ = ["EXPORT", "FRONT_FORMAT", "ExportResult", "export_pareto", "pareto_front", "plot_front", "safe_name"]
 FRONT_FORMAT = "klas.front/1"
@@ -231,6 +232,9 @@ def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device,
     done = train_info.get("epochs_done")
     trained = trained_net(run_dir, [r["id"] for r in front], epochs_done=done, root=root, device=device)
     net, ckpt, cache, arch = trained.net, trained.checkpoint, trained.cache, trained.arch
+    made_from = {"selection_sha256": selection_hash(selection), "cache_fingerprint": cache.fingerprint,
+                 "train_config_sha256": sha256_json(ckpt["config"]), "seed": ckpt["config"].get("seed"),
+                 "checkpoint_sha256": ckpt.get("weights_sha256")}
     data_config = cache.manifest["data"]["preprocess"]
     size = tuple(data_config["input_size"])
     models_dir = out_dir / "models"
@@ -243,6 +247,7 @@ def _export_models(run_dir, selection, train_info, front, out_dir, onnx, device,
             "accuracy": {"top1": r["acc_after"], "top1_before_finetune": r.get("acc_before"), "split": "eval", "unit": "fraction"},
             "macs": r["macs"], "gflops": r["gflops"], "params_run": r["params"], "flops": FLOPS_CONVENTION,
             "run": run_dir.name, "cache_fingerprint": cache.fingerprint, "full_tune": bool(ckpt["config"].get("full_tune")),
+            "made_from": made_from,
         }
         model = net.model(rid)
         if r["kind"] == "stitch":

@@ -9,7 +9,9 @@ Writes ``RUN/export/`` (built under a temporary name, then moved into place):
 * ``trees/s{share}/``: ``model.safetensors`` + ``config.json`` per tree. The weights are exactly what
   the tree runs: the trunk model whole (``m0.*``), each other branch model's blocks from its cut and
   its head (``m{i}.*``, its timm state-dict keys), each stitch module (``s{i}.*``).
-  :func:`load_tree` rebuilds it without network access (timm ``pretrained=False``).
+  :func:`load_tree` rebuilds it without network access (timm ``pretrained=False``); as for
+  :func:`klas.export.load_stitched`, the two files record each other's hash and a damaged or edited
+  tree (a changed share point or cut, extra or missing tensors) is refused in one line.
 """
 from __future__ import annotations
 
@@ -26,9 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from klas.errors import KlasError
-from klas.export.artifact import _build, _create_kwargs, _load_part, _stitch_entry, _stitch_layer, used_state
+from klas.export.artifact import (
+    _build, _create_kwargs, _load_layer, _load_part, _stitch_entry, _stitch_layer, check_cut, dry_run, read_artifact,
+    rebuilding,
+    used_state, write_artifact,
+)
 from klas.export.pareto import save_figure
-from klas.fs import DEFAULT_ROOT, DirLock, atomic_dir, atomic_path, claim_dir, write_json_atomic
+from klas.fs import DEFAULT_ROOT, DirLock, atomic_dir, claim_dir, write_json_atomic
 from klas.stitch.tree import StitchTree, TreeSpec
 from klas.tree import read_manifest, tradeoff_table, trained_tree
 from klas.units import FLOPS_CONVENTION
@@ -38,12 +44,12 @@ TRADEOFF_FORMAT = "klas.tradeoff/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CSV_COLUMNS = ("system", "share", "gflops", "macs", "extra_cost", "acc", "recovered", "latency_ms", "fidelity", "artifact")
+#: What re-creates a damaged or edited tree artifact.
+REEXPORT = "re-export it with: klas export tree RUN"
 
 
 def save_tree(tree: StitchTree, out_dir: Path, arch: dict[str, str], info: dict[str, Any] | None = None) -> Path:
     """Write ``tree`` to ``out_dir`` (``model.safetensors`` + ``config.json``, module docstring)."""
-    from safetensors.torch import save_file
-
     spec = tree.spec
     tensors: dict[str, torch.Tensor] = {}
     models, stitches = [], []
@@ -64,43 +70,60 @@ def save_tree(tree: StitchTree, out_dir: Path, arch: dict[str, str], info: dict[
               "weights": WEIGHTS, "tensors": len(tensors),
               "parameters": int(sum(t.numel() for t in tensors.values() if t.is_floating_point()))}
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": TREE_FORMAT})
-    write_json_atomic(out_dir / CONFIG, config)
+    write_artifact(out_dir, TREE_FORMAT, config, tensors)
     return out_dir
 
 
 def load_tree(path: Path | str, device: str | torch.device = "cpu") -> StitchTree:
     """Rebuild an exported tree (eval mode, no gradients): ``tree(images) -> {model: pre-logits features}``,
-    ``tree.outputs(images) -> {model: (logits, features)}``; it carries the artifact's ``config`` dict."""
-    from safetensors.torch import load_file
-
+    ``tree.outputs(images) -> {model: (logits, features)}``; it carries the artifact's ``config`` dict.
+    A damaged or edited tree is refused with one KlasError (module docstring)."""
     path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise KlasError(f"{path} is not an exported klas tree (needs {CONFIG} and {WEIGHTS}); run klas export tree RUN")
-    config = json.loads((path / CONFIG).read_text())
-    if config.get("format") != TREE_FORMAT:
-        raise KlasError(f"{path / CONFIG} is not a {TREE_FORMAT} config; export it with klas export tree RUN")
-    spec = TreeSpec.from_json(config["spec"])
+    config, tensors = read_artifact(path, TREE_FORMAT, "tree", REEXPORT)
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in load_file(str(path / WEIGHTS)).items():
+    for k, v in tensors.items():
         prefix, _, rest = k.partition(".")
         parts.setdefault(prefix, {})[rest] = v
-    adapters = {}
-    for i, entry in enumerate(config["models"]):
-        a = _build(entry)
-        _load_part(a, parts.get(f"m{i}", {}), "src" if entry["role"] == "trunk" else "dst", entry["cut"], path)
-        adapters[entry["name"]] = a
-    stitches = {}
-    for i, entry in enumerate(config["stitches"]):
-        layer = _stitch_layer(entry, path)
-        layer.load_state_dict(parts.get(f"s{i}", {}))
-        stitches[entry["branch"]] = layer
-    tree = StitchTree(spec, adapters, stitches).to(device).eval()
+    with rebuilding(path, REEXPORT):
+        tree = _rebuild_tree(config, parts, path)
+    tree = tree.to(device).eval()
     for p in tree.parameters():
         p.requires_grad_(False)
     tree.config = config
+    dry_run(tree, config, path, REEXPORT)
     return tree
+
+
+def _rebuild_tree(config: dict[str, Any], parts: dict[str, dict[str, torch.Tensor]], path: Path) -> StitchTree:
+    try:
+        spec = TreeSpec.from_json(config["spec"])
+    except KlasError:
+        raise KlasError(f"{path / CONFIG} holds a malformed tree spec {config['spec']!r}; {REEXPORT}") from None
+    models, stitches = config["models"], config["stitches"]
+    expected = {f"m{i}" for i in range(len(models))} | {f"s{i}" for i in range(len(stitches))}
+    cuts = {spec.trunk: None, **dict(spec.branches)}
+    if (set(parts) - expected or [m["name"] for m in models] != spec.names
+            or [(e["role"], e["cut"]) for e in models] != [("trunk" if n == spec.trunk else "branch", cuts[n])
+                                                          for n in spec.names]
+            or [e["branch"] for e in stitches] != [m for m, _ in spec.branches]):
+        raise KlasError(f"{path / CONFIG} does not describe one tree (its spec, models, stitches and tensors "
+                        f"disagree); {REEXPORT}")
+    adapters = {}
+    for i, entry in enumerate(models):
+        a = _build(entry)
+        trunk = entry["role"] == "trunk"
+        check_cut(entry, a, "whole" if trunk else "dst", path, REEXPORT)
+        _load_part(a, parts.get(f"m{i}", {}), "src" if trunk else "dst", entry["cut"], path, REEXPORT)
+        adapters[entry["name"]] = a
+    if not 1 <= spec.share <= adapters[spec.trunk].num_blocks - 1:
+        raise KlasError(f"{path / CONFIG} records share point {spec.share} outside trunk {spec.trunk}'s "
+                        f"1..{adapters[spec.trunk].num_blocks - 1}; {REEXPORT}")
+    layers = {}
+    for i, entry in enumerate(stitches):
+        layer = _stitch_layer(entry, path)
+        _load_layer(layer, parts.get(f"s{i}", {}), path, REEXPORT)
+        layers[entry["branch"]] = layer
+    return StitchTree(spec, adapters, layers)
 
 
 @dataclass
@@ -189,7 +212,11 @@ def export_tree(run_dir: Path | str, *, root: Path | None = None, device: str = 
             info = {"share": r["share"], "macs": row["macs"], "gflops": row["gflops"], "flops": FLOPS_CONVENTION,
                     "accuracy": {"system_top1": row["acc"], "recovered": row["recovered"], "split": "eval",
                                  "fidelity": row["fidelity"]}, "data_config": manifest["data_config"],
-                    "run": run_dir.name, "cache_fingerprint": manifest["cache"]["fingerprint"]}
+                    "run": run_dir.name, "cache_fingerprint": manifest["cache"]["fingerprint"],
+                    "made_from": {"cache_fingerprint": manifest["cache"]["fingerprint"],
+                                  "tree_config_sha256": manifest.get("config_sha256"),
+                                  "seed": manifest["config"].get("seed"),
+                                  "checkpoint_sha256": row.get("checkpoint_sha256")}}
             save_tree(tree, tmp / rel, arch, info)
             result.artifacts[r["share"]] = rel
         for row in rows:

@@ -13,13 +13,14 @@ from klas.models.adapters import (
     adapter_class,
 )
 from klas.models.load import (
-    LoadedModel, ModelSpec, build_model, data_config_of, load_model, parse_spec, register_weights_source,
+    LoadedModel, ModelSpec, build_model, check_random_init, data_config_of, load_model, parse_spec,
+    register_weights_source,
 )
 from klas.models.profile import Profile, Rep, count_macs, profile_adapter
 
 __all__ = [
     "SUPPORTED_FAMILIES", "Adapter", "ConvNeXtAdapter", "EvaAdapter", "LevitAdapter", "ResNetAdapter",
     "StagedAdapter", "SwinAdapter", "ViTAdapter",
-    "adapt", "adapter_class", "LoadedModel", "ModelSpec", "build_model", "data_config_of", "load_model",
+    "adapt", "adapter_class", "LoadedModel", "ModelSpec", "build_model", "check_random_init", "data_config_of", "load_model",
     "parse_spec", "register_weights_source", "Profile", "Rep", "count_macs", "profile_adapter",
 ]

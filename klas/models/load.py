@@ -163,7 +163,16 @@ def build_model(spec: ModelSpec, random_init: bool = False, root: Path = DEFAULT
     return model, digest
 
 
+def check_random_init(specs: list[ModelSpec] | tuple[ModelSpec, ...], random_init: bool) -> None:
+    """``random_init`` builds untrained, seeded weights: refuse a weights file it would silently ignore."""
+    given = next((s for s in specs if s.path is not None), None) if random_init else None
+    if given is not None:
+        raise KlasError(f"--random-init builds untrained, seeded weights and would ignore the weights file {given.path} "
+                        f"given for {given.arch}; drop --random-init to use the file, or drop ={given.path}")
+
+
 def _build_model(spec: ModelSpec, random_init: bool, root: Path, seed: int) -> tuple[nn.Module, str]:
+    check_random_init([spec], random_init)
     if random_init:  # seeded by name: two aliases of one architecture get different weights
         torch.manual_seed(seed ^ zlib.crc32(spec.name.encode()))
         model = _create(spec.arch, pretrained=False)
@@ -223,6 +232,25 @@ def _set_input_size(model: nn.Module, arch: str, size: tuple[int, ...], native: 
     model.klas_create_kwargs = {**(getattr(model, "klas_create_kwargs", None) or {}), "img_size": list(size[1:])}
 
 
+def _check_input_grid(model: nn.Module, arch: str, size: tuple[int, ...]) -> None:
+    """Refuse an input size the model's first convolution does not tile: a patchifying stem (ViT, Eva,
+    Swin patch embeddings, ConvNeXt's stem: no padding, stride > 1) would silently drop the last rows
+    and columns (a patch-16 ViT at 70 px sees 64). Stems that pad, and patch embeddings that pad
+    themselves (``dynamic_img_pad``), take any size."""
+    if getattr(getattr(model, "patch_embed", None), "dynamic_img_pad", False):
+        return
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None or conv.padding not in ((0, 0), "valid"):
+        return
+    for dim, k, stride in zip(size[1:], conv.kernel_size, conv.stride):
+        drop = (dim - k) % stride if stride > 1 and dim >= k else 0
+        if drop:
+            fits = [v for v in (dim - drop, dim - drop + stride) if v >= k]
+            raise KlasError(f"input size {dim} px does not fit {arch}: its first layer reads {k}-pixel patches every "
+                            f"{stride} px and would silently drop the last {drop} rows and columns; use an "
+                            f"--input-size it tiles, e.g. {' or '.join(map(str, fits))}")
+
+
 @dataclass
 class LoadedModel:
     """An adapted model with everything a stage needs to know about it."""
@@ -277,14 +305,18 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = data_config_of(model)
-    size = tuple(input_size or cfg["input_size"])
-    _set_input_size(model, spec.arch, size, tuple(cfg["input_size"]))
+    size, native = tuple(input_size or cfg["input_size"]), tuple(cfg["input_size"])
+    _set_input_size(model, spec.arch, size, native)
+    _check_input_grid(model, spec.arch, size)
     adapter = adapt(model, spec.arch)
     try:
         profile = profile_adapter(adapter, size)
     except KlasError:
         raise
-    except Exception as exc:  # e.g. a ViT built for another resolution
+    except Exception as exc:  # e.g. LeViT, whose attention biases are built for one resolution
+        if size[1:] != native[1:] and not hasattr(model, "set_input_size"):
+            raise KlasError(f"{spec.arch} runs only at its native input size {native[-1]} px (it cannot be resized); "
+                            f"use --input-size {native[-1]}, or leave --input-size out and give {spec.arch} first") from None
         raise KlasError(
             f"{spec.arch} does not accept inputs of size {list(size)} ({exc.__class__.__name__}); "
             "pick an --input-size the model's patch, window or stride grid divides"

@@ -15,6 +15,7 @@ import torch
 
 from klas.errors import KlasError
 from klas.fs import atomic_write
+from klas.utils import sha256_state_dict
 
 FORMAT = "klas.checkpoint/1"
 LAST = "last.pt"
@@ -47,14 +48,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` (plus the format tag) to ``path`` atomically."""
+def weights_sha256(stitch_states: dict[str, dict[str, torch.Tensor]],
+                   anchor_states: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
+    """The content hash of a checkpoint's weights: every stitch layer's and (after ``full_tune``) every
+    anchor's tensors, by name, dtype, shape and bytes (:func:`klas.utils.sha256_state_dict`).
+
+    Two trainings that differ in anything that moves a weight (seed, recipe, data) differ here; later
+    stages record it to prove which checkpoint their numbers came from.
+    """
+    flat = {f"stitch/{sid}/{k}": v for sid, state in stitch_states.items() for k, v in state.items()}
+    flat.update({f"anchor/{name}/{k}": v for name, state in (anchor_states or {}).items() for k, v in state.items()})
+    return sha256_state_dict(flat)
+
+
+def save_checkpoint(path: Path, data: dict[str, Any]) -> str:
+    """Write ``data`` (plus the format tag and ``weights_sha256``, its weights' content hash) to ``path``
+    atomically; returns that hash."""
+    digest = weights_sha256(data["stitch_states"], data.get("anchor_states"))
     with atomic_write(path, "wb") as fh:
-        torch.save({"format": FORMAT, **data}, fh)
+        torch.save({"format": FORMAT, **data, "weights_sha256": digest}, fh)
+    return digest
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, with one-line errors."""
+    """Read a checkpoint written by :func:`save_checkpoint`, with one-line errors; weights that do not
+    hash to the ``weights_sha256`` it records (a damaged or edited file) are refused."""
     path = Path(path)
     if not path.is_file():
         raise KlasError(f"no checkpoint at {path}; train without --resume first")
@@ -64,4 +82,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise KlasError(f"checkpoint {path} is unreadable ({exc.__class__.__name__}); delete it and train again") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise KlasError(f"{path} is not a klas training checkpoint ({FORMAT}); delete it and train again")
+    recorded = data.get("weights_sha256")
+    if recorded is not None:
+        try:
+            ok = weights_sha256(data["stitch_states"], data.get("anchor_states")) == recorded
+        except (KeyError, TypeError, AttributeError, RuntimeError):
+            ok = False
+        if not ok:
+            raise KlasError(f"checkpoint {path} is damaged: its weights do not match the hash it records; "
+                            f"delete it and train again")
     return data

@@ -175,12 +175,14 @@ class Trainer:
 
 @dataclass
 class RunState:
-    """What a checkpoint carries forward besides weights: accuracies before training, LS fit R², history."""
+    """What a checkpoint carries forward besides weights: accuracies before training, LS fit R², history;
+    and the content hash of the last checkpoint's weights (what the results will record)."""
 
     before: dict[str, float]
     fit_r2: dict[str, float]
     history: list[dict]
     epoch_done: int
+    checkpoint_sha256: str | None = None
 
 
 def _check_outputs(run_dir: Path, cfg: TrainConfig, sel_hash: str) -> dict | None:
@@ -209,18 +211,16 @@ def _devices(cfg: TrainConfig) -> tuple[int, int, torch.device, torch.dtype | No
     return rank, world, dev, parse_amp(cfg.amp, dev)
 
 
-def _check_resume_config(ctx: RunContext) -> None:
-    """A resumed checkpoint must have the same recipe; a changed environment earns a note."""
-    if ctx.ckpt is None:
-        return
-    old, config = ctx.ckpt.get("config", {}), ctx.config
+def _check_resume_config(ckpt: dict | None, config: dict, ckpt_path: Path) -> list[str]:
+    """A resumed checkpoint must have the same recipe; returns what changed in the environment (for a note)."""
+    if ckpt is None:
+        return []
+    old = ckpt.get("config", {})
     diff = [f"{k}={old.get(k)!r} (now {config[k]!r})" for k in TrainConfig.recipe_keys() if old.get(k) != config[k]]
     if diff:
-        raise KlasError(f"checkpoint {ctx.ckpt_path} was made with other options: {'; '.join(diff)}; "
+        raise KlasError(f"checkpoint {ckpt_path} was made with other options: {'; '.join(diff)}; "
                         f"resume with the same options, or pass --overwrite without --resume to start over")
-    moved = [f"{k} {old.get(k)} -> {config[k]}" for k in ENVIRONMENT_KEYS if old.get(k) != config[k]]
-    if moved:
-        ctx.say(f"[yellow]note:[/] resuming with {', '.join(moved)}; results may differ from an uninterrupted run")
+    return [f"{k} {old.get(k)} -> {config[k]}" for k in ENVIRONMENT_KEYS if old.get(k) != config[k]]
 
 
 def prepare_run(run_dir: Path, cfg: TrainConfig, console: Console, progress: bool) -> RunContext:
@@ -234,16 +234,18 @@ def prepare_run(run_dir: Path, cfg: TrainConfig, console: Console, progress: boo
     cache = open_run_cache(selection, run_dir)
     rank, world, dev, amp_dtype = _devices(cfg)
     timer = _Timer()
-    data = {split: SplitData(cache, split, root=cfg.root, preload_limit_gb=cfg.preload_limit_gb, workers=cfg.workers)
-            for split in (TRAIN_SPLIT, EVAL_SPLIT)}
-    timer.lap("data")
-    steps = cfg.steps_per_epoch or math.ceil(data[TRAIN_SPLIT].n / (cfg.batch_size * world))
+    steps = cfg.steps_per_epoch or math.ceil(len(cache.labels(TRAIN_SPLIT)) / (cfg.batch_size * world))
     cfg = cfg.resolved(steps_per_epoch=steps, layer=cfg.layer or selection.get("layer") or "linear")
     config = {**cfg.recipe(), "world_size": world, "device": str(dev),
               "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"}
+    moved = _check_resume_config(ckpt, config, checkpoint_path(run_dir))  # before loading the data: fail at once
+    data = {split: SplitData(cache, split, root=cfg.root, preload_limit_gb=cfg.preload_limit_gb, workers=cfg.workers)
+            for split in (TRAIN_SPLIT, EVAL_SPLIT)}
+    timer.lap("data")
     ctx = RunContext(run_dir, cfg, selection, specs, sel_hash, ckpt, cache, rank, world, dev, amp_dtype,
                      data[TRAIN_SPLIT], data[EVAL_SPLIT], config, console, progress, timer)
-    _check_resume_config(ctx)
+    if moved:
+        ctx.say(f"[yellow]note:[/] resuming with {', '.join(moved)}; results may differ from an uninterrupted run")
     return ctx
 
 
@@ -254,7 +256,8 @@ def build_trainer(ctx: RunContext) -> Trainer:
     used = list(dict.fromkeys([a["name"] for a in ctx.selection["anchors"]] + [n for s in ctx.specs for n in (s.src, s.dst)]))
     missing = [n for n in used if n not in ctx.cache.model_names]
     if missing:
-        raise KlasError(f"selection names models {missing} that cache {ctx.cache.path} does not hold; rerun klas search")
+        raise KlasError(f"selection names models {missing} that cache {ctx.cache.path} does not hold; search again: "
+                        f"klas search {ctx.cache.path} --run {ctx.run_dir} --overwrite")
     ctx.say(f"loading {len(used)} models from {ctx.cache.path} ...")
     models = [m for m in ctx.cache.load_models(device=ctx.device, root=cfg.root) if m.name in used]
     net = StitchNet.from_loaded(models, ctx.specs, kind=cfg.layer).to(ctx.device)
@@ -305,7 +308,8 @@ def start_or_resume(ctx: RunContext, tr: Trainer) -> RunState:
         tr.opt.load_state_dict(ckpt["optimizer"])
         tr.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        state = RunState(ckpt["before"], ckpt.get("fit_r2", {}), list(ckpt.get("history", [])), int(ckpt["epoch"]))
+        state = RunState(ckpt["before"], ckpt.get("fit_r2", {}), list(ckpt.get("history", [])), int(ckpt["epoch"]),
+                         ckpt.get("weights_sha256"))
         ctx.say(f"resuming {ctx.run_dir} at epoch {state.epoch_done}/{cfg.epochs}")
         return state
     fit_r2: dict[str, float] = {}
@@ -340,7 +344,7 @@ def evaluate_run(ctx: RunContext, net: StitchNet, what: str) -> dict[str, float]
 def save_state(ctx: RunContext, tr: Trainer, state: RunState) -> None:
     """``checkpoints/last.pt`` after ``state.epoch_done`` epochs (rank 0 writes, all ranks wait)."""
     if ctx.rank == 0:
-        save_checkpoint(ctx.ckpt_path, checkpoint_state(ctx, tr, state))
+        state.checkpoint_sha256 = save_checkpoint(ctx.ckpt_path, checkpoint_state(ctx, tr, state))
     dist_barrier()
 
 
@@ -352,6 +356,7 @@ def checkpoint_state(ctx: RunContext, tr: Trainer, state: RunState) -> dict:
     net, config = tr.net, ctx.config
     return {
         "selection_sha256": ctx.sel_hash,
+        "cache_fingerprint": ctx.cache.fingerprint,
         "config": config,
         "epoch": state.epoch_done,
         "stitch_states": {sid: cpu(net.stitch_layer(sid).state_dict()) for sid in net.stitch_ids},
@@ -478,13 +483,15 @@ def write_outputs(ctx: RunContext, rows: list[dict], state: RunState, seconds: f
     """``results.parquet``, then ``train.json`` (the manifest, last); rank 0 writes."""
     cfg = ctx.cfg
     if ctx.rank == 0:
-        write_results(ctx.run_dir, rows, {"klas.config": sha256_json(ctx.config), "klas.selection_sha256": ctx.sel_hash,
-                                          "klas.accuracy_unit": "fraction", "klas.flops": FLOPS_CONVENTION})
+        made_from = {"klas.config": sha256_json(ctx.config), "klas.selection_sha256": ctx.sel_hash,
+                     "klas.cache_fingerprint": ctx.cache.fingerprint,
+                     **({"klas.checkpoint_sha256": state.checkpoint_sha256} if state.checkpoint_sha256 else {})}
+        write_results(ctx.run_dir, rows, {**made_from, "klas.accuracy_unit": "fraction", "klas.flops": FLOPS_CONVENTION})
         write_json_atomic(ctx.run_dir / MANIFEST, {
             "format": MANIFEST_FORMAT, "selection_sha256": ctx.sel_hash,
             "cache": {"path": str(ctx.cache.path), "fingerprint": ctx.cache.fingerprint},
             "config": ctx.config, "epochs_done": state.epoch_done,
-            "checkpoint": str(ctx.ckpt_path.relative_to(ctx.run_dir)),
+            "checkpoint": str(ctx.ckpt_path.relative_to(ctx.run_dir)), "checkpoint_sha256": state.checkpoint_sha256,
             "train_split": TRAIN_SPLIT, "train_images": ctx.train_data.n,
             "eval_split": EVAL_SPLIT, "eval_images": ctx.eval_data.n,
             "data_config": ctx.cache.manifest["data"]["preprocess"], "history": state.history, "seconds": seconds,

@@ -15,9 +15,11 @@ import torch
 
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT
-from klas.run import check_same_selection, open_run_cache, read_selection, stitch_specs
+from klas.run import RESULTS, check_same_selection, open_run_cache, read_selection, stitch_specs
 from klas.stitch.network import StitchNet
 from klas.train.checkpoint import checkpoint_path, load_checkpoint
+from klas.train.results import results_metadata
+from klas.utils import sha256_json
 
 
 @dataclass
@@ -35,13 +37,15 @@ def trained_net(run_dir: Path | str, ids: Iterable[str] | None = None, *, epochs
     """Rebuild the trained networks ``ids`` (stitch ids / anchor names; None: all) of ``run_dir``.
 
     ``epochs_done`` (from ``train.json``) must match the checkpoint's epoch when given, so a checkpoint
-    newer or older than the results is refused.
+    newer or older than the results is refused; so is a checkpoint of another training than the one
+    ``results.parquet`` evaluated (:func:`check_checkpoint_of_results`).
     """
     run_dir = Path(run_dir)
     selection = read_selection(run_dir)
     ckpt_path = checkpoint_path(run_dir)
     ckpt = load_checkpoint(ckpt_path)
     check_same_selection(ckpt.get("selection_sha256"), selection, ckpt_path, f"rerun klas train {run_dir} --overwrite")
+    check_checkpoint_of_results(run_dir, ckpt, selection["cache"].get("fingerprint"))
     if epochs_done is not None and int(ckpt["epoch"]) != int(epochs_done):
         raise KlasError(f"checkpoint {ckpt_path} is at epoch {ckpt['epoch']} but results.parquet is from epoch "
                         f"{epochs_done}; rerun klas train {run_dir} --resume")
@@ -61,4 +65,24 @@ def trained_net(run_dir: Path | str, ids: Iterable[str] | None = None, *, epochs
     return TrainedRun(net.eval(), ckpt, cache, {m.name: m.spec.arch for m in loaded})
 
 
-__all__ = ["TrainedRun", "trained_net"]
+def check_checkpoint_of_results(run_dir: Path, ckpt: dict, cache_fingerprint: str | None) -> None:
+    """Refuse a checkpoint that is not the one ``results.parquet`` was evaluated with: its weights hash
+    must be the one the results record (results of an older klas: its training config, seed included,
+    must hash to theirs), and the cache it records must be the selection's."""
+    path = checkpoint_path(run_dir)
+    fix = f"rerun klas train {run_dir} --overwrite"
+    if ckpt.get("cache_fingerprint", cache_fingerprint) != cache_fingerprint:
+        raise KlasError(f"checkpoint {path} was trained on another cache than the run's selection names; {fix}")
+    if not (Path(run_dir) / RESULTS).is_file():
+        return
+    meta = results_metadata(run_dir)
+    if "klas.checkpoint_sha256" in meta:
+        same = ckpt.get("weights_sha256") == meta["klas.checkpoint_sha256"]
+    else:
+        same = "klas.config" not in meta or sha256_json(ckpt.get("config")) == meta["klas.config"]
+    if not same:
+        raise KlasError(f"checkpoint {path} is not the one {RESULTS} was evaluated with (its weights come from "
+                        f"another training); restore that training's checkpoint, or {fix}")
+
+
+__all__ = ["TrainedRun", "check_checkpoint_of_results", "trained_net"]

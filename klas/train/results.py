@@ -10,7 +10,7 @@ from klas.errors import KlasError
 from klas.fs import atomic_path
 from klas.run import RESULTS
 
-__all__ = ["RESULTS", "SCHEMA", "write_results", "read_results", "results_selection"]
+__all__ = ["RESULTS", "SCHEMA", "write_results", "read_results", "results_metadata", "results_selection"]
 
 #: Column order and types (nullable where a value does not apply: anchors have no dst/dst_cut/theta/gamma).
 SCHEMA = pa.schema([
@@ -59,12 +59,17 @@ def read_results(run_dir: Path) -> list[dict]:
         raise KlasError(f"{path} is unreadable ({exc.__class__.__name__}); rerun klas train {run_dir} --overwrite") from exc
 
 
-def results_selection(run_dir: Path) -> str | None:
-    """The selection hash ``results.parquet`` records (``klas.selection_sha256``), or None when it has none."""
+def results_metadata(run_dir: Path) -> dict[str, str]:
+    """The ``klas.*`` metadata of ``results.parquet``: what the results were made from (the config hash,
+    selection hash, cache fingerprint and the final checkpoint's weights hash; older runs lack some)."""
     path = Path(run_dir) / RESULTS
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception as exc:
         raise KlasError(f"{path} is unreadable ({exc.__class__.__name__}); rerun klas train {run_dir} --overwrite") from exc
-    value = meta.get(b"klas.selection_sha256")
-    return value.decode() if value else None
+    return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"klas.")}
+
+
+def results_selection(run_dir: Path) -> str | None:
+    """The selection hash ``results.parquet`` records (``klas.selection_sha256``), or None when it has none."""
+    return results_metadata(run_dir).get("klas.selection_sha256")

@@ -56,31 +56,42 @@ def build_net(models: Mapping, spec: TreeSpec, cfg: TreeConfig, device: torch.de
     return net.to(device)
 
 
-def _state(net: StitchNet, opt, spec: TreeSpec, cfg: TreeConfig, tf: TreeFit) -> dict:
-    return {"config": cfg.recipe(), "spec": spec.to_json(), "epoch": tf.epoch_done,
+def _state(net: StitchNet, opt, spec: TreeSpec, cfg: TreeConfig, tf: TreeFit, cache_fingerprint: str | None) -> dict:
+    return {"config": cfg.recipe(), "spec": spec.to_json(), "cache_fingerprint": cache_fingerprint,
+            "epoch": tf.epoch_done,
             "stitch_states": {sid: {k: v.detach().cpu().clone() for k, v in net.stitch_layer(sid).state_dict().items()}
                               for sid in net.stitch_ids},
             "optimizer": opt.state_dict(), "rng": rng_state(), "fit_r2": dict(tf.fit_r2), "history": list(tf.history),
             "layer": net.kind}
 
 
-def load_tree_checkpoint(path: Path, spec: TreeSpec, recipe: dict) -> dict:
-    """A tree checkpoint made for ``spec`` with ``recipe``, or a one-line error naming the fix."""
+def load_tree_checkpoint(path: Path, spec: TreeSpec, recipe: dict, cache_fingerprint: str | None = None) -> dict:
+    """A tree checkpoint made for ``spec`` with ``recipe`` (on the cache of ``cache_fingerprint`` when given),
+    or a one-line error naming the fix."""
     ckpt = load_checkpoint(path)
     if ckpt.get("spec") != spec.to_json() or ckpt.get("config") != recipe:
         raise KlasError(f"checkpoint {path} was made with other options or another tree; resume with the same "
                         f"options, or pass --overwrite to start over")
+    check_tree_cache(ckpt, path, cache_fingerprint)
     return ckpt
 
 
+def check_tree_cache(ckpt: dict, path: Path, cache_fingerprint: str | None) -> None:
+    """Refuse a tree checkpoint trained on another cache than ``cache_fingerprint`` (None: not checked)."""
+    made_on = ckpt.get("cache_fingerprint")
+    if cache_fingerprint is not None and made_on is not None and made_on != cache_fingerprint:
+        raise KlasError(f"checkpoint {path} was trained on another cache (fingerprint {str(made_on)[:12]}, this one "
+                        f"{cache_fingerprint[:12]}); give the cache it was made from, or pass --overwrite to start over")
+
+
 def start_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, data: SplitData,
-               device: torch.device) -> tuple[TreeFit, torch.optim.Optimizer]:
+               device: torch.device, cache_fingerprint: str | None = None) -> tuple[TreeFit, torch.optim.Optimizer]:
     """A fresh tree (least-squares init, checkpoint at epoch 0) or, with ``resume``, the checkpointed one."""
     net = build_net(models, spec, cfg, device)
     opt = make_optimizer(net, cfg.lr, cfg.weight_decay)
     path = tree_checkpoint(run_dir, spec.share)
     if cfg.resume and path.is_file():
-        ckpt = load_tree_checkpoint(path, spec, cfg.recipe())
+        ckpt = load_tree_checkpoint(path, spec, cfg.recipe(), cache_fingerprint)
         for sid, sd in ckpt["stitch_states"].items():
             net.stitch_layer(sid).load_state_dict(sd)
         opt.load_state_dict(ckpt["optimizer"])
@@ -89,16 +100,16 @@ def start_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, 
     r2 = init_stitches(net, data, images=cfg.init_images, ridge=cfg.ridge, seed=cfg.seed,
                        batch_size=cfg.eval_batch_size, device=device)
     tf = TreeFit(net, 0, r2, [])
-    save_checkpoint(path, _state(net, opt, spec, cfg, tf))
+    save_checkpoint(path, _state(net, opt, spec, cfg, tf, cache_fingerprint))
     return tf, opt
 
 
 def train_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, data: SplitData,
                targets: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device, *, console: Console,
-               progress: bool, budget: list[int]) -> TreeFit:
+               progress: bool, budget: list[int], cache_fingerprint: str | None = None) -> TreeFit:
     """Train the tree ``spec`` to ``cfg.total_epochs`` (or until ``budget[0]`` epochs of this
     invocation are spent; ``budget`` is shared by the trees of one run and decremented)."""
-    tf, opt = start_tree(run_dir, models, spec, cfg, data, device)
+    tf, opt = start_tree(run_dir, models, spec, cfg, data, device, cache_fingerprint)
     steps = cfg.steps_per_epoch or -(-data.n // cfg.batch_size)
     total = cfg.total_epochs * steps
     warm = warmup_steps_of(cfg.warmup, total)
@@ -126,11 +137,11 @@ def train_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, 
                   "seconds": time.perf_counter() - t0}
         tf.history.append(record)
         tf.epoch_done = epoch
-        save_checkpoint(tree_checkpoint(run_dir, spec.share), _state(tf.net, opt, spec, cfg, tf))
+        save_checkpoint(tree_checkpoint(run_dir, spec.share), _state(tf.net, opt, spec, cfg, tf, cache_fingerprint))
         console.print(f"tree s={spec.share}: epoch {epoch}/{cfg.total_epochs} {record['loss_kind']} loss "
                       f"{record['loss']:.4f} ({steps} steps, {record['seconds']:.1f} s)")
         budget[0] -= 1
     return tf
 
 
-__all__ = ["CHECKPOINTS", "TreeFit", "build_net", "load_tree_checkpoint", "start_tree", "tree_checkpoint", "train_tree"]
+__all__ = ["CHECKPOINTS", "TreeFit", "build_net", "check_tree_cache", "load_tree_checkpoint", "start_tree", "tree_checkpoint", "train_tree"]

@@ -30,14 +30,14 @@ from klas.run import open_run_cache
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
 from klas.term import make_console
-from klas.train.checkpoint import load_checkpoint
+from klas.train.checkpoint import load_checkpoint, weights_sha256
 from klas.train.data import SplitData
 from klas.tree.choose import Scores, auto_shares, block_scores, candidate_trees, chosen_specs, rank_trunks
 from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
     classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
-from klas.tree.fit import CHECKPOINTS, load_tree_checkpoint, train_tree, tree_checkpoint
+from klas.tree.fit import CHECKPOINTS, check_tree_cache, load_tree_checkpoint, train_tree, tree_checkpoint
 from klas.units import FLOPS_CONVENTION
 from klas.utils import package_versions, resolve_device, sha256_json
 
@@ -133,9 +133,9 @@ def plan_tables(plan: Plan, auto_trunk: bool) -> list[Table]:
 # -- the run directory ------------------------------------------------------------------------------
 
 
-def check_dir(run_dir: Path, cfg: TreeConfig) -> None:
+def check_dir(run_dir: Path, cfg: TreeConfig, cache_fingerprint: str | None = None) -> None:
     """Before any work: refuse to clobber earlier output unasked, to resume nothing, or to resume
-    checkpoints made with another recipe (the trees themselves are compared once chosen)."""
+    checkpoints made with another recipe or on another cache (the trees themselves are compared once chosen)."""
     earlier = (run_dir / MANIFEST).exists() or (run_dir / CHECKPOINTS).exists()
     if earlier and not (cfg.resume or cfg.overwrite):
         raise KlasError(f"run {run_dir} already has tree output; pass --resume to continue it or --overwrite to start over")
@@ -143,9 +143,11 @@ def check_dir(run_dir: Path, cfg: TreeConfig) -> None:
     if cfg.resume and not ckpts:
         raise KlasError(f"run {run_dir} has nothing to resume; run klas tree without --resume")
     for path in ckpts[:1]:
-        if load_checkpoint(path).get("config") != cfg.recipe():
+        ckpt = load_checkpoint(path)
+        if ckpt.get("config") != cfg.recipe():
             raise KlasError(f"checkpoint {path} was made with other options or another tree; resume with the same "
                             f"options, or pass --overwrite to start over")
+        check_tree_cache(ckpt, path, cache_fingerprint)
 
 
 def prepare_dir(run_dir: Path, cfg: TreeConfig) -> None:
@@ -169,7 +171,7 @@ def read_manifest(run_dir: Path | str) -> dict:
                         f"--run {run_dir} --resume")
     m = read_json(path, "tree manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("trees"), list):
-        raise KlasError(f"{path} is not a {FORMAT} manifest; rerun klas tree with --overwrite")
+        raise KlasError(f"{path} is not a {FORMAT} manifest; rerun: klas tree CACHE --run {run_dir} --overwrite")
     return m
 
 
@@ -225,7 +227,7 @@ def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple
             "cost_parts": cost, "extra_cost": cost["macs"] / cost["largest_macs"] - 1, "score": score.get(s),
             "acc": acc[f"tree:{s}"], "recovered": recovered_gain(acc[f"tree:{s}"], floor, ceiling),
             "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "fit_r2": fits[s].fit_r2,
-            "history": fits[s].history,
+            "history": fits[s].history, "checkpoint_sha256": _weights_sha256(fits[s].net),
         })
     largest = max(p.macs for p in profiles.values())
     all_macs = sum(p.macs for p in profiles.values())
@@ -238,6 +240,11 @@ def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple
         "singles": {n: {"macs": profiles[n].macs, "acc": acc[f"single:{n}"]} for n in cache.model_names},
     }
     return rows, reference
+
+
+def _weights_sha256(net: StitchNet) -> str:
+    """The content hash of a trained tree's stitch layers: what its checkpoint records as ``weights_sha256``."""
+    return weights_sha256({sid: net.stitch_layer(sid).state_dict() for sid in net.stitch_ids})
 
 
 # -- the entry point --------------------------------------------------------------------------------
@@ -256,13 +263,14 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     cache = open_cache(cache_path)
     check_request(cache, cfg)
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-tree"
-    check_dir(run_dir, cfg)
+    check_dir(run_dir, cfg, cache.fingerprint)
     device = resolve_device(cfg.device)
-    plan = plan_tree(cache, cfg, device, console, progress)
-    for t in plan_tables(plan, cfg.trunk is None):
-        console.print(t)
     claim_dir(run_dir, KIND, "--run")
-    with DirLock(run_dir, "--run"):
+    with DirLock(run_dir, "--run"):  # before the scoring: a second klas tree on this run learns of it at once
+        check_dir(run_dir, cfg, cache.fingerprint)  # again: a writer that held the lock may have finished meanwhile
+        plan = plan_tree(cache, cfg, device, console, progress)
+        for t in plan_tables(plan, cfg.trunk is None):
+            console.print(t)
         prepare_dir(run_dir, cfg)
         return _run_locked(cache, run_dir, plan, cfg, device, console, progress, t0)
 
@@ -280,7 +288,8 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch
     fits = {}
     for spec in plan.specs:
         fits[spec.share] = train_tree(run_dir, models, spec, cfg, data["probe-train"], targets, device,
-                                      console=console, progress=progress, budget=budget)
+                                      console=console, progress=progress, budget=budget,
+                                      cache_fingerprint=cache.fingerprint)
         if fits[spec.share].epoch_done < cfg.total_epochs:
             console.print(f"stopped at share point {spec.share}, epoch {fits[spec.share].epoch_done}/{cfg.total_epochs}; "
                           f"continue with --resume")
@@ -320,10 +329,15 @@ def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None, d
     if row is None:
         raise KlasError(f"tree run {run_dir} has no share point {share}; it has {[r['share'] for r in manifest['trees']]}")
     spec = TreeSpec.from_json(row["spec"])
-    cache = open_run_cache(manifest, run_dir)
-    ckpt = load_tree_checkpoint(tree_checkpoint(run_dir, share), spec, manifest["config"])
+    cache = open_run_cache(manifest, run_dir, stage="tree")
+    ckpt = load_tree_checkpoint(tree_checkpoint(run_dir, share), spec, manifest["config"], manifest["cache"].get("fingerprint"))
     if int(ckpt["epoch"]) != manifest["config"]["epochs"] + manifest["config"]["task_epochs"]:
-        raise KlasError(f"checkpoint of share point {share} in {run_dir} is not the evaluated one; rerun klas tree --resume")
+        raise KlasError(f"checkpoint of share point {share} in {run_dir} is not the evaluated one; rerun: klas tree "
+                        f"{manifest['cache']['path']} --run {run_dir} --resume (with the options it was made with)")
+    if ckpt.get("weights_sha256") != row.get("checkpoint_sha256", ckpt.get("weights_sha256")):
+        raise KlasError(f"checkpoint {tree_checkpoint(run_dir, share)} is not the one {MANIFEST} was evaluated with "
+                        f"(its weights come from another training); restore it, or rerun: klas tree "
+                        f"{manifest['cache']['path']} --run {run_dir} --overwrite")
     dev = torch.device(device)
     loaded = {} if loaded is None else loaded
     if not set(spec.names) <= set(loaded):

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from klas.errors import KlasError
-from klas.fs import ensure_writable_dir
+from klas.fs import DirLock, ensure_writable_dir
 from klas.models import register_weights_source
 from klas.term import make_console
 from klas.utils import DEFAULT_ROOT, read_json, sha256_file
@@ -179,14 +179,15 @@ def train_zoo(
         ensure_writable_dir(root, "--root")  # fail now, not after minutes of training
         ensure_writable_dir(zoo_dir(root), "--root")
         console = console or make_console(stderr=True)
-        if install:
-            install_and_record(install, root, console)
         previous = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            if train:
-                train_and_record(train, root=root, console=console, shipped=compare)
+            with DirLock(zoo_dir(root), "--root"):  # one writer per zoo: a second one learns of it at once
+                if install:
+                    install_and_record(install, root, console)
+                if train:
+                    train_and_record(train, root=root, console=console, shipped=compare)
         finally:
             torch.set_num_threads(previous)
     return read_zoo(root)
