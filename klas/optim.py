@@ -67,8 +67,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_amp(text: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype an ``--amp`` word asks for on ``device``; None = full precision.
 
-    ``auto``: on CUDA bf16 where the GPU supports it, else fp16; elsewhere full precision (a CPU gains
-    little from it). ``bf16`` / ``fp16``: that dtype on any device whose autocast supports it (CUDA;
+    ``auto``: on CUDA bf16 where the GPU supports it, else fp16; elsewhere full precision.
+    ``bf16`` / ``fp16``: that dtype on any device whose autocast supports it (CUDA;
     the CPU's autocast, where this torch has it), refused in one line otherwise. ``off`` (or None).
     One vocabulary for ``klas cache`` and ``klas train``.
     """
@@ -93,7 +93,8 @@ def parse_amp(text: str | None, device: torch.device | str) -> torch.dtype | Non
 @functools.cache
 def autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch's autocast on ``device_type`` computes a matmul in ``dtype`` (tried once, on a 2x2)."""
-    if not torch.amp.is_autocast_available(device_type):
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device_type):
         return False
     try:
         with warnings.catch_warnings():
