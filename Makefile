@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 KLAS := $(VENV)/bin/klas
 STAMP := $(VENV)/.klas-installed
 
-.PHONY: demo demo-tree test bench clean-demo
+.PHONY: demo demo-tree test bench clean-demo gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,3 +48,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_heterogeneous.py
 	$(PY) benchmarks/bench_recipe.py --run cache/runs/demo-vit
+
+# The prepared GPU check (benchmarks/bench_gpu.py; README "Benchmarks"): every stage on real timm
+# models over synthetic JPEGs, with its pass/fail checks, under 8 minutes on one GPU; writes
+# benchmarks/results/gpu.json, exit status 1 when a check fails. It runs from the checkout with the
+# machine's own python (no .venv, no install: a GPU machine may reach no package registry).
+# On a CPU: make gpu-check GPU_CHECK_ARGS="--device cpu --small --out /tmp/gpu.json"
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_gpu.py $(GPU_CHECK_ARGS)

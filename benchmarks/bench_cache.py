@@ -24,22 +24,33 @@ from rich.table import Table
 
 import klas.zoo  # noqa: F401  registers the demo architectures with timm
 from klas.cache import build_cache
-from klas.data import SplitDataset, build_transform, make_splits, open_source
+from klas.data import SplitDataset, build_transform, make_loader, make_splits, open_source
 from klas.models import load_model
+from klas.optim import autocast, parse_amp
 from klas.utils import DEFAULT_ROOT, package_versions
 
 RESULTS = Path(__file__).parent / "results" / "cache.json"
 
 
-def bare_forward(models, source, splits, transform, batch_size: int) -> float:
-    """Seconds to push every split through every model, nothing stored."""
+def bare_forward(models, source, splits, transform, batch_size: int, *, device: str = "cpu", amp: str | None = None,
+                 workers: int = 0) -> float:
+    """Seconds to push every split through every model, nothing stored: the batches, loader processes,
+    pinned memory and mixed precision of ``klas cache`` (:func:`klas.data.make_loader`), its forward passes
+    without pooling, float16 conversion or writes."""
+    dev = torch.device(device)
+    dtype = parse_amp(amp, dev)
     start = time.perf_counter()
     with torch.inference_mode():
         for split in splits.values():
-            loader = torch.utils.data.DataLoader(SplitDataset(source, split, transform), batch_size=batch_size)
-            for x, _, _ in loader:
-                for m in models:
-                    m.adapter(x)
+            n = len(split.ids)
+            batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+            for x, _, _ in make_loader(SplitDataset(source, split, transform), batches, workers, dev):
+                x = x.to(dev, non_blocking=True)
+                with autocast(dev, dtype):
+                    for m in models:
+                        m.adapter(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
     return time.perf_counter() - start
 
 

@@ -6,7 +6,9 @@ Low level on purpose: imports torch and :mod:`klas.errors` only, so ``klas.train
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Collection
 
@@ -65,9 +67,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_amp(text: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype an ``--amp`` word asks for on ``device``; None = full precision.
 
-    ``auto``: bf16 where the GPU supports it, else fp16; ``bf16`` / ``fp16``; ``off`` (or None).
-    Mixed precision applies on CUDA only: elsewhere ``auto`` and ``off`` give None and an explicit
-    ``bf16`` / ``fp16`` is refused (one vocabulary for ``klas cache`` and ``klas train``).
+    ``auto``: on CUDA bf16 where the GPU supports it, else fp16; elsewhere full precision.
+    ``bf16`` / ``fp16``: that dtype on any device whose autocast supports it (CUDA;
+    the CPU's autocast, where this torch has it), refused in one line otherwise. ``off`` (or None).
+    One vocabulary for ``klas cache`` and ``klas train``.
     """
     if text is None:
         return None
@@ -76,20 +79,43 @@ def parse_amp(text: str | None, device: torch.device | str) -> torch.dtype | Non
         raise KlasError(f"unknown --amp {text!r}; use one of {', '.join(AMP_CHOICES)}")
     if word == "off":
         return None
-    if torch.device(device).type != "cuda":
-        if word == "auto":
-            return None
-        raise KlasError(f"--amp {word} needs a CUDA device; use --amp auto or off on {torch.device(device).type}")
+    kind = torch.device(device).type
     if word == "auto":
+        if kind != "cuda":
+            return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind != "cuda" and not autocast_supports(kind, AMP_DTYPES[word]):
+        raise KlasError(f"--amp {word}: torch {torch.__version__} has no {word} autocast on {kind}; "
+                        f"use --amp off there (or a CUDA device)")
     return AMP_DTYPES[word]
 
 
+@functools.cache
+def autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch's autocast on ``device_type`` computes a matmul in ``dtype`` (tried once, on a 2x2)."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device_type):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns, then disables autocast, for a dtype it lacks
+            x = torch.ones(2, 2, device=device_type)
+            with torch.autocast(device_type, dtype=dtype):
+                return (x @ x).dtype == dtype
+    except (RuntimeError, ValueError):
+        return False
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """Mixed precision on CUDA only; a no-op context elsewhere."""
-    if amp_dtype is None or device.type != "cuda":
+    """Mixed precision in ``amp_dtype`` on ``device`` (CUDA or CPU autocast); a no-op context for None."""
+    if amp_dtype is None:
         return nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype)
+    return torch.autocast(device.type, dtype=amp_dtype)
 
 
-__all__ = ["AMP_CHOICES", "AMP_DTYPES", "autocast", "param_groups", "parse_amp", "set_lr", "warmup_cosine", "warmup_steps_of"]
+def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 training on ``device`` (its range needs it); disabled for bf16 and full precision."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+__all__ = ["AMP_CHOICES", "AMP_DTYPES", "autocast", "autocast_supports", "grad_scaler", "param_groups", "parse_amp", "set_lr", "warmup_cosine", "warmup_steps_of"]

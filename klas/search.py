@@ -61,6 +61,7 @@ class SearchResult:
     probe_accuracy: dict[str, list[float]]  # model -> top-1 per representation (score split)
     anchor_pairs: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: probe_training, scoring (Θ)
 
     @property
     def selected(self) -> list[dict]:
@@ -172,7 +173,8 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     console.print(report_table(compatibility_report(cache.profiles, inputs["direction"], inputs["layer"])))
     anchor_list = anchors(cache.profiles)
     index = probe_index(cache)
-    bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress)
+    timings: dict[str, float] = {}
+    bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress, timings)
     probe_accuracy = _probe_accuracy(cache, bank, score_feats, index, inputs["probe_target"])
     th, sigma, gamma = stitch_scores(theta, stitches, index)
     cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
@@ -185,7 +187,7 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     pairs = _anchor_pairs(cache, inputs["temperature"], dev)
     selection = _selection(cache, inputs, len(stitches), anchor_list, rows, pairs)
     write_search(run_dir, rows, bank, probe_accuracy, selection)
-    return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start)
+    return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start, timings)
 
 
 def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str) -> tuple[np.ndarray | SoftmaxTargets, list[int] | None, int]:
@@ -202,11 +204,12 @@ def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str
 
 
 def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, dev: torch.device, console: Console,
-                     progress: bool) -> tuple[ProbeBank, list[np.ndarray], np.ndarray]:
+                     progress: bool, timings: dict[str, float]) -> tuple[ProbeBank, list[np.ndarray], np.ndarray]:
     """Train every probe, then Θ (P, P) between their score-split distributions.
 
-    Returns the bank, the score-split features and Θ.
+    Returns the bank, the score-split features and Θ; books the seconds of each in ``timings``.
     """
+    t0 = time.perf_counter()
     targets, target_index, classes = _probe_targets(cache, index, inputs["probe_target"])
     with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not progress) as bar:
@@ -216,6 +219,7 @@ def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, d
             seed=inputs["seed"], device=dev, target_index=target_index,
             progress=lambda s, t: bar.update(task, completed=s, total=t),
         )
+        timings["probe_training"] = time.perf_counter() - t0
         score_feats = _features(cache, "score", index)
         task = bar.add_task(f"KL over {len(index)}² block pairs", total=score_feats[0].shape[0])
 
@@ -226,6 +230,7 @@ def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, d
 
         theta = score.kl_matrix(counted(bank.iter_logits(score_feats)), temperature=inputs["temperature"],
                                 device=dev).numpy()
+    timings["scoring"] = time.perf_counter() - t0 - timings["probe_training"]
     return bank, score_feats, theta
 
 

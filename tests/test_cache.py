@@ -126,7 +126,7 @@ def test_torchrun_shards_equal_single_process(ref_cache, tmp_path):
         (["--model", "ghostnet_050", "--data", "digits", "--random-init"], "unsupported architecture"),
         (["--model", "resnet18", "--model", "resnet18", "--data", "digits"], "give one an alias"),
         (["--model", "resnet18", "--data", "digits", "--split", "train"], "unknown split"),
-        (["--model", "resnet18", "--data", "digits", "--random-init", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
+        (["--model", "resnet18", "--data", "digits", "--random-init", "--amp", "fp8", "--device", "cpu"], "unknown --amp 'fp8'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):

@@ -5,7 +5,7 @@
 """
 from klas.data.digits import DigitsConfig, DigitsSource, generate_digits
 from klas.data.folder import IMG_EXTENSIONS, FolderSource
-from klas.data.loading import make_loader, resolve_workers
+from klas.data.loading import make_loader, pin_memory, resolve_workers
 from klas.data.source import SPLITS, ImageSource, open_source
 from klas.data.splits import Split, make_splits
 from klas.data.transforms import SplitDataset, build_transform, load_split_tensors
@@ -20,6 +20,7 @@ __all__ = [
     "SplitDataset",
     "load_split_tensors",
     "make_loader",
+    "pin_memory",
     "resolve_workers",
     "DigitsConfig",
     "DigitsSource",

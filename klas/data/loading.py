@@ -37,10 +37,16 @@ def resolve_workers(workers: int | str, device: torch.device | str) -> int:
     return int(text)
 
 
+def pin_memory(device: torch.device | str) -> bool:
+    """Whether batches bound for ``device`` go through pinned host memory with non-blocking copies:
+    on CUDA only (elsewhere there is nothing to overlap, and torch's loader skips pinning anyway)."""
+    return torch.device(device).type == "cuda"
+
+
 def make_loader(
     dataset: torch.utils.data.Dataset, batches: Sequence[Sequence[int]], workers: int, device: torch.device
 ) -> torch.utils.data.DataLoader:
     """A loader over fixed batches of ``dataset``; pinned host memory when the batches go to CUDA."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=torch.device(device).type == "cuda"
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory(device)
     )

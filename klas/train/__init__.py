@@ -9,6 +9,7 @@
 """
 from klas.run import read_selection
 from klas.train.checkpoint import checkpoint_path, load_checkpoint
+from klas.train.compare import compare_runs
 from klas.train.config import TrainConfig
 from klas.train.core import Objective, fit, init_stitches, make_optimizer, stitch_sequence, teacher_targets, train_step
 from klas.train.data import SplitData, epoch_positions
@@ -19,7 +20,7 @@ from klas.train.restore import TrainedRun, trained_net
 from klas.train.results import read_results, results_selection
 
 __all__ = [
-    "LOSSES", "Objective", "SplitData", "TrainConfig", "TrainResult", "checkpoint_path", "correct_per_image",
+    "LOSSES", "Objective", "SplitData", "TrainConfig", "TrainResult", "checkpoint_path", "compare_runs", "correct_per_image",
     "epoch_positions", "evaluate_all", "fit", "init_stitches", "load_checkpoint", "make_optimizer", "parse_loss",
     "read_results", "read_selection", "results_selection", "stitch_sequence", "teacher_targets", "train_run",
     "train_step", "TrainedRun", "trained_net",

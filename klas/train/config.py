@@ -62,7 +62,8 @@ class TrainConfig(Settings):
       ``overwrite`` (False): start over although a checkpoint exists; ``stop_after`` (None): return after
       this many epochs of this invocation, leaving a checkpoint to resume.
     * ``eval_batch_size`` (256); ``latency`` (True), ``latency_batch`` (64), ``latency_repeats`` (5).
-    * ``amp`` ("auto": bf16, else fp16, on CUDA; never on CPU; see :func:`klas.optim.parse_amp`),
+    * ``amp`` ("auto": bf16, else fp16, on CUDA, off on CPU; "bf16" / "fp16" on CPU too, through torch's
+      CPU autocast; see :func:`klas.optim.parse_amp`),
       ``device`` (None = CUDA when present), ``root`` (klas cache root, for demo weights and data),
       ``preload_limit_gb`` (2.0), ``workers`` (0, DataLoader workers when a split is streamed).
     """

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from klas.data import pin_memory
 from klas.errors import KlasError
 from klas.utils import DEFAULT_ROOT
 
@@ -57,7 +58,7 @@ class SplitData:
     def batches(self, positions: Sequence[int] | Tensor, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``(images, labels, positions)`` batches over ``positions`` in the given order."""
         pos = torch.as_tensor(positions, dtype=torch.long)
-        nb = device.type == "cuda"
+        nb = pin_memory(device)
         if self.images is not None:
             for s in range(0, len(pos), batch_size):
                 p = pos[s : s + batch_size]

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from klas.errors import KlasError
-from klas.optim import AMP_CHOICES, parse_amp, warmup_cosine, warmup_steps_of
+from klas.optim import AMP_CHOICES, grad_scaler, parse_amp, warmup_cosine, warmup_steps_of
 from klas.run import (
     EXPORT, SELECTION, TRAIN_MANIFEST, discard, open_run_cache, read_selection, run_writer, stitch_specs,
 )
@@ -271,7 +271,7 @@ def build_trainer(ctx: RunContext) -> Trainer:
     targets = teacher_targets(net, ctx.train_data, sorted(names), every_term,
                               batch_size=cfg.eval_batch_size, device=ctx.device, amp_dtype=ctx.amp_dtype)
     opt = make_optimizer(net, cfg.lr, cfg.weight_decay, full_tune=cfg.full_tune, anchor_lr_scale=cfg.anchor_lr_scale)
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp_dtype == torch.float16)
+    scaler = grad_scaler(ctx.device, ctx.amp_dtype)
     ctx.timer.lap("teacher_targets")
     objective = Objective(cfg.loss_weights, cfg.temperature, targets, teacher)
     first = Objective(cfg.first_loss_weights, cfg.temperature, targets, teacher) if cfg.first_epochs else None
