@@ -37,6 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's klas, also when run from elsewhere
 
 from klas.errors import KlasError  # noqa: E402
+from klas.fs import atomic_write  # noqa: E402
 from klas.metrics import pareto_front  # noqa: E402
 from klas.quality import (  # noqa: E402
     BUDGET_QUANTILES, PAPER_RECOVERY, QUALITY_FAMILIES, QualityConfig, QualityFamily, choose_default_score, run_family,
@@ -53,7 +54,9 @@ Y_LABEL = "top-1 on eval split (%)"
 LABELS = {"gamma": "klas Γ (paper)", "theta": "klas Θ", "ls": "klas LS", "cka": "CKA", "snnet": "SN-Net"}
 
 FULL = QualityConfig()
-QUICK = QualityConfig(limit=300, route_steps=4, batch_size=16, buckets=10, bootstrap=200)
+#: Reduced: 300 images per split, batch 16, 10 buckets; the length rule is the full run's (klas train's 5 epochs
+#: of 300 images at batch 16 over K + A routes: about 4 steps per route).
+QUICK = QualityConfig(limit=300, batch_size=16, buckets=10, bootstrap=200)
 FAMILY_NAMES = tuple(QUALITY_FAMILIES)
 
 
@@ -237,6 +240,67 @@ def print_family(console: Console, fam: dict) -> None:
         console.print(f"[bold red]WARNING[/]: {w}")
 
 
+def _md_ci(c) -> str:
+    return "" if not c else f" [{c[0]:+.3f}, {c[1]:+.3f}]"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    with atomic_write(path) as fh:
+        fh.write(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The README's tables from a report: per family, each strategy's HV [CI], HV stitches with the CI of
+    the default score's lead over random and SN-Net, best at the budgets, stitches on front, recovery and
+    ρ in range, the ceiling; then the default-score choice, machine, date and wall time per family."""
+    choice = report.get("default_score") or {}
+    ref = choice.get("current_default", "gamma")
+    lines = ["| family (K of N; steps per route) | strategy | HV [95% CI] | HV stitches (Δ vs random / SN-Net [95% CI]) "
+             "| best @ ¼ / ½ / ¾ (%) | stitches on front | recovery | ρ in range |", "|---|---|---|---|---|---|---|---|"]
+    for fam in report["families"].values():
+        head = f"{fam['family']} (K = {fam['K']} of {fam['num_candidates']}; {fam['route_steps']})"
+        for name, st in fam["strategies"].items():
+            if name.startswith("random-"):
+                continue
+            hv = (f"{st['hypervolume']:.3f} (seeds {st['hypervolume_range'][0]:.3f}–{st['hypervolume_range'][1]:.3f})"
+                  if "hypervolume_range" in st else _hv(st["hypervolume"], st.get("hypervolume_ci95")))
+            hvs = f"{st['hypervolume_stitches']:.3f}"
+            diffs = fam.get("differences", {}).get(name, {})
+            parts = [f"{d['hypervolume_stitches']:+.3f}{_md_ci(d['hypervolume_stitches_ci95'])}"
+                     for b in ("random", "snnet") if (d := diffs.get(b))]
+            if parts:
+                hvs += " (" + " / ".join(parts) + ")"
+            rec = st["recovery"]
+            rec_txt = f"{_pct(rec['rate'])} %" + (f" ({rec['recovered']}/{rec['buckets']})" if "recovered" in rec else "")
+            lines.append(f"| {head} | {label(name)}{' (default)' if name == ref else ''} | {hv} | {hvs} | "
+                         f"{_three(st['best_at_budget'])} | {st['stitches_on_front']:.3g} | {rec_txt} | "
+                         f"{_rho(st.get('rho_in_range'))} |")
+            head = ""
+        lines.append(f"| | original anchors only | {_hv(fam['anchors_only_hypervolume'], fam['anchors_only_hypervolume_ci95'])}"
+                     f" | | {_three(fam['anchors_only_best_at_budget'])} | | | |")
+        lines.append(f"| | ground truth (all {fam['num_candidates']}, seed {fam['gt_seeds'][0]}) | "
+                     f"{_hv(fam['ground_truth_hypervolume'], fam['ground_truth_hypervolume_ci95'])} | "
+                     f"{fam['ground_truth_hypervolume_stitches']:.3f} | {_three(fam['ground_truth_best_at_budget'])} | "
+                     f"{fam['ground_truth_stitches_on_front']} | 100 % | |")
+        for seed, c in fam.get("ceiling", {}).items():
+            lines.append(f"| | ceiling (ground truth seed {seed} vs {fam['gt_seeds'][0]}; ρ all {_rho(c['rho'])}) | "
+                         f"{_hv(fam['ground_truth_hypervolume_by_seed'][seed])} | | | | {_pct(c['recovery'])} % "
+                         f"(winners {_pct(c['recovery_winners'])} %) | {_rho(c['rho_in_range'])} |")
+    if choice:
+        lines += ["", f"Default score chosen on the score split: **{choice['chosen']}** ({choice['why']}).", "",
+                  "| score | score split: mean ρ in range | score split: mean HV | eval: mean ρ in range | eval: mean recovery "
+                  "| eval: mean HV |", "|---|---|---|---|---|---|"]
+        for name, ev in choice["evidence"].items():
+            sc, rp = ev["score"], ev["eval"]
+            lines.append(f"| {label(name)} | {_rho(sc['mean_rho_in_range'])} | {_hv(sc['mean_hypervolume'])} | "
+                         f"{_rho(rp['mean_rho_in_range'])} | {_pct(rp['mean_recovery'])} % | {_hv(rp['mean_hypervolume'])} |")
+    m = report.get("machine", {})
+    walls = ", ".join(f"{n} {f['seconds']['total'] / 60:.0f} min" for n, f in report["families"].items())
+    lines += ["", f"`{report.get('command', '')}` on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores, "
+                  f"{m.get('torch_threads', '?')} torch threads), {report.get('date', '?')}; wall time per family: {walls}."]
+    return "\n".join(lines) + "\n"
+
+
 COLOURS = {"gamma": "#c44e52", "theta": "#dd8452", "ls": "#937860", "snnet": "#4c72b0", "cka": "#55a868",
            "random": "#8172b2"}
 MARKERS = {"gamma": "o", "theta": "P", "ls": "X", "snnet": "s", "cka": "^", "random": "d"}
@@ -359,8 +423,11 @@ def report_all(console: Console, report: dict, per_family: bool = True) -> None:
         for score in dict.fromkeys([choice["chosen"], choice["current_default"]]):
             for line in target_lines(report, score):
                 console.print(line, markup=False, highlight=False)
-    for name, fam in report["families"].items():
-        console.print(f"{name}: {fam['seconds']['total']:.0f} s wall", markup=False, highlight=False)
+    m = report.get("machine", {})
+    console.print(f"{report.get('date', '?')} on {m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} cores, "
+                  f"{m.get('torch_threads', '?')} torch threads); wall time per family: "
+                  + ", ".join(f"{n} {f['seconds']['total']:.0f} s (load {', '.join(f'{x:.1f}' for x in f.get('load_average', []))})"
+                              for n, f in report["families"].items()), markup=False, highlight=False)
     console.print(f"paper: {PAPER_SOURCE}")
 
 
@@ -393,8 +460,9 @@ def run(cfg: QualityConfig, families: Mapping[str, QualityFamily], work: Path, o
     out_json.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_json, report)
     plot(report, out_png)
+    write_markdown(report, out_json.with_suffix(".md"))
     report_all(console, report, per_family=False)
-    console.print(f"wrote {out_json} and {out_png} in {report['wall_s']:.0f} s")
+    console.print(f"wrote {out_json}, {out_png} and {out_json.with_suffix('.md')} in {report['wall_s']:.0f} s")
     return report
 
 
@@ -405,7 +473,8 @@ def replot(path: Path, console: Console | None = None) -> dict:
     report["default_score"] = choose_default_score(report["families"])
     report_all(console, report)
     plot(report, path.with_suffix(".png"))
-    console.print(f"redrew {path.with_suffix('.png')} from {path}")
+    write_markdown(report, path.with_suffix(".md"))
+    console.print(f"redrew {path.with_suffix('.png')} and {path.with_suffix('.md')} from {path}")
     return report
 
 
@@ -423,6 +492,7 @@ def merge(parts: Sequence[Path], out_json: Path, command: str, console: Console 
     report["default_score"] = choose_default_score(report["families"])
     write_json_atomic(out_json, report)
     plot(report, out_json.with_suffix(".png"))
+    write_markdown(report, out_json.with_suffix(".md"))
     report_all(console, report)
     console.print(f"wrote {out_json} and {out_json.with_suffix('.png')} ({report['wall_s']:.0f} s of family runs)")
     return report
@@ -446,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replot", metavar="JSON", help="print the tables and redraw the plot of a results JSON (no training)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge per-family reports of earlier runs into --out")
-    ap.add_argument("--quick", action="store_true", help="reduced version: 300 images per split, 4 steps per route, batch 16")
+    ap.add_argument("--quick", action="store_true", help="reduced version: 300 images per split, batch 16, 10 buckets")
     ap.add_argument("--families", default=",".join(FAMILY_NAMES), help=f"comma-separated: {', '.join(FAMILY_NAMES)}")
     ap.add_argument("--models", help="instead of --families: one family of these models (comma-separated timm "
                                      "names or zoo models), named 'custom'")
@@ -456,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, help="images per split (default: all, 8626 / 2875 / 2875; quick 300)")
     ap.add_argument("--eval-limit", type=int, help="evaluate on the first N score / eval images (default: all)")
     ap.add_argument("--route-steps", type=int, help="training steps per route (stitch or anchor) in every run (default: "
-                                                    "what klas train's 5 epochs give a selection of K; quick 4)")
+                                                    "what klas train's 5 epochs give a selection of K)")
     ap.add_argument("--batch-size", type=int, help="training batch (default 64, klas train's; quick 16)")
     ap.add_argument("--gt-seeds", help="comma-separated seeds of the ground truth; the first is the reference (default 0,1)")
     ap.add_argument("--random-seeds", help="comma-separated seeds of the random baseline (default 0,1,2)")

@@ -86,10 +86,14 @@ def test_bench_quality_quick_random_init_agrees_with_klas(tmp_path):
     for row in res.rows:
         assert row["acc_after"] == pytest.approx(ours[row["id"]], abs=1.5 / 30), row["id"]
 
-    # --replot draws the picture again from the JSON alone
+    # --replot draws the picture and writes the README tables again from the JSON alone
+    table = out.with_suffix(".md").read_text()
+    assert "| custom (K = " in table and "ceiling (ground truth seed 1" in table and "Default score chosen" in table
     out.with_suffix(".png").unlink()
+    out.with_suffix(".md").unlink()
     again = main(["--replot", str(out)])
-    assert out.with_suffix(".png").stat().st_size > 10_000 and again["default_score"] == report["default_score"]
+    assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").read_text() == table
+    assert again["default_score"] == report["default_score"]
 
 
 def test_steps_per_route_is_klas_train_length():

@@ -174,6 +174,35 @@ def _trained(masks: dict, ratings: dict, cfg: QualityConfig, notes: dict) -> lis
     return out
 
 
+def _selections(f: _Family, masks: dict, names: list[str], specs: list[StitchSpec], ls_state: dict, route_steps: int,
+                clock: Clock, bits: dict, runs: dict, log) -> None:
+    """Train and evaluate each named selection from the reference least-squares init over fresh anchors
+    (eval split; klas's scores also on the score split). A selection equal to one already trained is
+    not trained again: same stitches, init, seed and steps give the same network."""
+    done: dict[frozenset, str] = {}
+    for name in names:
+        chosen = [specs[j] for j in np.flatnonzero(masks[name])]
+        key, wants_score = frozenset(s.id for s in chosen), name in KLAS_SCORES  # the default is chosen on score
+        same = done.get(key)
+        if same is not None and (not wants_score or same in bits["score"]):
+            runs[name] = {**runs[same], "same_as": same}
+            for split in ("eval", "score") if wants_score else ("eval",):
+                bits[split][name] = bits[split][same]
+            log(f"{name}: the same {len(chosen)} stitches as {same}; its results are reused")
+            continue
+        net = f.net(chosen)
+        for s in chosen:
+            net.stitch_layer(s.id).load_state_dict(ls_state[s.id])
+        with clock.phase(f"{name}: train"):
+            runs[name] = f.run(net, name, route_steps, f.cfg.seed, log)
+        with clock.phase(f"{name}: eval"):
+            ids = net.stitch_ids + f.anchor_ids
+            for split in ("eval", "score") if wants_score else ("eval",):
+                bits[split][name] = f.bits(net, ids, split)
+        done.setdefault(key, name)
+        del net
+
+
 def run_family(family: str, spec: QualityFamily, cfg: QualityConfig, work: Path, *, root: Path = DEFAULT_ROOT,
                device: str | None = None, keep_cache: bool = False, say=print) -> dict:
     """Everything for one family (:mod:`klas.quality`); returns its JSON-ready results."""
@@ -211,19 +240,7 @@ def run_family(family: str, spec: QualityFamily, cfg: QualityConfig, work: Path,
               for split in ("score", "eval")}
     ratings = rate_signals(scores, gt_acc, bucket, k)
 
-    for name in _trained(masks, ratings, cfg, notes):
-        chosen = [specs[j] for j in np.flatnonzero(masks[name])]
-        net = f.net(chosen)
-        for s in chosen:
-            net.stitch_layer(s.id).load_state_dict(ls_state[s.id])
-        with clock.phase(f"{name}: train"):
-            runs[name] = f.run(net, name, route_steps, cfg.seed, log)
-        with clock.phase(f"{name}: eval"):
-            ids = net.stitch_ids + f.anchor_ids
-            bits["eval"][name] = f.bits(net, ids, "eval")
-            if name in KLAS_SCORES:  # what the default score is chosen on
-                bits["score"][name] = f.bits(net, ids, "score")
-        del net
+    _selections(f, masks, _trained(masks, ratings, cfg, notes), specs, ls_state, route_steps, clock, bits, runs, log)
     trained = {n: m for n, m in masks.items() if n in runs}
 
     data = FamilyData(family, spec.models, spec.direction, f.stitches, f.anchor_list, scores, bucket, k, trained,
