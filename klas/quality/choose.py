@@ -69,7 +69,7 @@ def choose_default_score(families: Mapping[str, dict], candidates: tuple[str, ..
     with_hv = [n for n in leaders if hv[n] is not None]
     if with_hv:
         chosen = max(with_hv, key=lambda n: (hv[n], n == DEFAULT_SCORE))
-        why = (f"{', '.join(leaders)} within {margin} of the best mean score-split in-range ρ ({best:+.3f}); "
+        why = (f"within {margin} of the best mean score-split in-range ρ ({best:+.3f}): {', '.join(leaders)}; of these "
                f"{chosen} has the highest mean score-split HV of its trained selection ({hv[chosen]:.3f})")
     else:
         chosen = max(rated, key=lambda n: (rho[n], n == DEFAULT_SCORE))
