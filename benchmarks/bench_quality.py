@@ -25,6 +25,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -371,9 +372,10 @@ def plot(report: dict, path: Path) -> None:
         _panel(ax, fam)
     for ax in list(axes.flat)[len(fams):]:
         ax.axis("off")
-    fig.suptitle("Selected stitches after klas train's joint recipe and length (equal K and steps; anchors fine-tuned) "
-                 "over the ground truth;\na strategy's front (lines) also holds its own fine-tuned anchors (in its HV; "
-                 "stars: the original anchors); dotted: budgets b1-b3; dash-dot: HV reference accuracy", fontsize=10)
+    title = ("Selected stitches after klas train's joint recipe and length (equal K and steps; anchors fine-tuned) over "
+             "the ground truth; a strategy's front (lines) also holds its own fine-tuned anchors (in its HV; stars: the "
+             "original anchors); dotted: budgets b1-b3; dash-dot: HV reference accuracy")
+    fig.suptitle("\n".join(textwrap.wrap(title, width=95 * cols)), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -470,6 +472,10 @@ def replot(path: Path, console: Console | None = None) -> dict:
     """Tables and plot again from a results JSON, without training (the default score re-chosen from it)."""
     console = console or Console(stderr=True, width=max(190, Console(stderr=True).width))
     report = read_json(path, what="quality report")
+    old = [n for n, f in report.get("families", {}).items() if "signals" not in f or "ceiling" not in f]
+    if old or not report.get("families"):
+        raise SystemExit(f"error: {path} was not written by this version of bench_quality.py (no ceiling or signals "
+                         f"for {', '.join(old) or 'any family'}); rerun the benchmark to get a report --replot can draw")
     report["default_score"] = choose_default_score(report["families"])
     report_all(console, report)
     plot(report, path.with_suffix(".png"))
