@@ -151,7 +151,7 @@ def search_cmd(
     probe_target: str = typer.Option("labels", "--probe-target", help="labels (cross-entropy) or model (the model's own softmax: label-free)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature T of the probe distributions."),
     probe_epochs: int = typer.Option(10, "--probe-epochs"),
-    score: str = typer.Option("gamma", help="What klas ranks by: gamma (Θ/Σ, the paper's) or theta (Θ alone; ranked better on 2 of 3 families in bench_quality)."),
+    score: Optional[str] = typer.Option(None, help="What klas ranks by: gamma (Θ/Σ, the paper's) or theta (Θ alone); default: klas's default score (klas search says which it used)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: cache/runs/<cache>-<strategy>)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -159,8 +159,9 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON on stdout (tables go to stderr)."),
 ) -> None:
     """Train per-block probes, score every binary stitch by KL, and select the ones worth training."""
-    from klas.search import search
+    from klas.search import DEFAULT_SCORE, search
 
+    score = DEFAULT_SCORE if score is None else score
     result = search(
         cache_dir, run, budget=budget, strategy=strategy, buckets=buckets, tau=tau, direction=direction,
         probe_target=probe_target, temperature=temperature, probe_epochs=probe_epochs, score=score, seed=seed,

@@ -47,6 +47,11 @@ PROBE_TARGETS = ("labels", "model")
 #: What ``strategy="klas"`` ranks by: the paper's Γ = Θ / Σ, or Θ alone (benchmarks/bench_quality.py,
 #: README "Does it work?": Θ alone ranked better on two of its three families; Γ stays the default).
 SCORES = ("gamma", "theta")
+#: What ``strategy="klas"`` ranks by when no score is given (the one place this default lives; ``klas
+#: search`` prints the score it ranks by). ``benchmarks/bench_quality.py`` chooses it on the score split.
+DEFAULT_SCORE = "gamma"
+#: How ``klas search`` names each score when it says what it ranks by.
+SCORE_TEXT = {"gamma": "Γ = Θ / Σ (the paper's)", "theta": "Θ alone"}
 SIGMA_FLOOR = 1e-8
 CHUNK = 2048
 
@@ -130,7 +135,7 @@ def search(
     temperature: float = 1.0,
     probe_epochs: int = 10,
     layer: str = "linear",
-    score: str = "gamma",
+    score: str = DEFAULT_SCORE,
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
@@ -179,7 +184,10 @@ def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device,
     th, sigma, gamma = stitch_scores(theta, stitches, index)
     cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
     budget_macs = _budget_macs(inputs["budget"])
-    ranked = th if inputs.get("score") == "theta" else gamma
+    score_name = inputs.get("score", "gamma")
+    ranked = th if score_name == "theta" else gamma
+    if inputs["strategy"] == "klas":
+        console.print(f"klas ranks the candidates by {SCORE_TEXT[score_name]} (--score {score_name})")
     keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=ranked,
                           cka_distance=cka_dist, budget_macs=budget_macs, buckets=inputs["buckets"],
                           tau=inputs["tau"], seed=inputs["seed"])
@@ -342,5 +350,5 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
                         f"or --overwrite to replace it (its training and export go with it)")
 
 
-__all__ = ["PROBE_TARGETS", "SCORES", "SIGMA_FLOOR", "STRATEGIES", "SearchResult", "cka_distance", "probe_index", "rep_positions", "search",
+__all__ = ["DEFAULT_SCORE", "PROBE_TARGETS", "SCORE_TEXT", "SCORES", "SIGMA_FLOOR", "STRATEGIES", "SearchResult", "cka_distance", "probe_index", "rep_positions", "search",
            "stitch_scores"]

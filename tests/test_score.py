@@ -127,3 +127,32 @@ def test_cka_constant_features_score_zero():
     x = np.random.default_rng(0).normal(size=(50, 6))
     cka = linear_cka_matrix([x, np.ones((50, 3))], device="cpu")
     assert float(cka[0, 1]) == 0.0 and float(cka[1, 1]) == 0.0 and float(cka[0, 0]) == pytest.approx(1.0)
+
+
+def test_ls_residual_is_the_held_out_fit_and_never_reads_eval(vit_cache, monkeypatch, one_thread):
+    """``klas.score.ls_residual``: 1 - R² of each candidate's least-squares fit on seeded probe-train
+    images, measured on seeded score images (klas.stitch.init.least_squares_r2 on those same images);
+    deterministic, and the eval split is never opened."""
+    from klas.cache import Cache, open_cache
+    from klas.score import ls_residual
+    from klas.score.ls import _images
+    from klas.stitch.candidates import enumerate_stitches
+    from klas.stitch.init import least_squares_r2
+    from klas.stitch.network import StitchNet, StitchSpec
+
+    cache = open_cache(vit_cache)
+    stitches = enumerate_stitches(cache.profiles, "up", "linear")[::5]
+    opened = []
+    real = Cache.dataset
+    monkeypatch.setattr(Cache, "dataset", lambda self, split, root=None: opened.append(split) or real(self, split, root=root))
+    res = ls_residual(cache, stitches, seed=3, fit_images=20, score_images=30, root=vit_cache.parent)
+    assert set(opened) == {"probe-train", "score"}
+    assert res.shape == (len(stitches),) and np.isfinite(res).all() and (res >= 0).all()
+    np.testing.assert_array_equal(res, ls_residual(cache, stitches, seed=3, fit_images=20, score_images=30,
+                                                   root=vit_cache.parent))
+    net = StitchNet.from_loaded(cache.load_models(root=vit_cache.parent),
+                                [StitchSpec(c.id, c.src, c.src_cut, c.dst, c.dst_cut) for c in stitches])
+    dev = torch.device("cpu")
+    r2 = least_squares_r2(net, _images(cache, "probe-train", 20, 3, 64, vit_cache.parent, dev),
+                          _images(cache, "score", 30, 4, 64, vit_cache.parent, dev))
+    np.testing.assert_allclose(res, [1 - r2[c.id] for c in stitches], rtol=1e-9, atol=1e-12)

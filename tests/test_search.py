@@ -28,8 +28,8 @@ STITCH_KEYS = {"id", "src", "src_cut", "dst", "dst_cut", "route", "macs", "param
 
 
 def run_search(cache: Path, run: Path, **kw) -> SearchResult:
-    kw = {"probe_epochs": 1, "device": "cpu", **kw}
-    return search(cache, run, console=Console(file=io.StringIO()), progress=False, **kw)
+    kw = {"probe_epochs": 1, "device": "cpu", "console": Console(file=io.StringIO()), **kw}
+    return search(cache, run, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,9 @@ def test_score_theta_selects_by_theta_alone(vit_cache, default_run, tmp_path):
     from klas.stitch.candidates import anchors, enumerate_stitches
     from klas.cache import open_cache
 
-    res = run_search(vit_cache, tmp_path / "theta", score="theta")
+    said = io.StringIO()
+    res = run_search(vit_cache, tmp_path / "theta", score="theta", console=Console(file=said, width=200))
+    assert "klas ranks the candidates by Θ alone (--score theta)" in said.getvalue()  # says which score it used
     sel, default = read_selection(res.run_dir), read_selection(default_run.run_dir)
     assert sel["score"] == "theta" and "score" not in default and sel["inputs"] != default["inputs"]
     rows = {r["id"]: r for r in res.rows}

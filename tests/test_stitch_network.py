@@ -8,7 +8,7 @@ import torch
 
 from klas.errors import KlasError
 from klas.models import LoadedModel, ModelSpec, adapt, count_macs, data_config_of, profile_adapter
-from klas.stitch.init import DEFAULT_RIDGE, flatten_positions, least_squares_init, solve_ridge
+from klas.stitch.init import DEFAULT_RIDGE, flatten_positions, least_squares_init, least_squares_r2, solve_ridge
 from klas.stitch.layers import STITCH_KINDS, make_stitch_layer, stitch_layer_macs, stitch_layer_params
 from klas.stitch.network import (
     StitchedModel, StitchNet, StitchSpec, direct_stitch_macs, stitch_id, stitch_macs, stitch_params,
@@ -193,6 +193,28 @@ def test_least_squares_init_all_stitches_in_one_pass_matches_lstsq(pair, ridge):
         r2 = 1 - ((y - fit) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         assert reports[sid].samples == 12 * 17
         assert reports[sid].r2 == pytest.approx(r2, abs=1e-6)
+
+
+
+def test_least_squares_r2_is_the_fit_measured_on_other_images(pair):
+    """R² on held-out images of the fit on other images (the ``ls`` stitch score), every stitch in one
+    pass, nothing in the net changed; on the fit's own images it is least_squares_init's R²."""
+    a, b = pair
+    specs = [spec(a, 2, b, 1), spec(b, 3, a, 2), spec(a, 4, b, 0)]
+    net = StitchNet.from_loaded([a, b], specs)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(6)
+    fit, test = torch.randn(12, 3, 32, 32), torch.randn(7, 3, 32, 32)
+    r2 = least_squares_r2(net, [fit[:5], fit[5:]], [test[:3], test[3:]], ridge=DEFAULT_RIDGE)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    for sid in net.stitch_ids:
+        ref = _lstsq_reference(*_live_pairs(net, fit, sid), DEFAULT_RIDGE)
+        x, y = _live_pairs(net, test, sid)
+        pred = x @ ref[:-1] + ref[-1]
+        assert r2[sid] == pytest.approx(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum(), abs=1e-6)
+    same = least_squares_r2(net, [fit], [fit], ridge=DEFAULT_RIDGE)
+    reports = least_squares_init(net, [fit], ridge=DEFAULT_RIDGE)
+    assert all(same[i] == pytest.approx(reports[i].r2, abs=1e-9) for i in net.stitch_ids)
 
 
 

@@ -15,7 +15,9 @@ same. The variants change one choice each:
   model's own output distribution (its cached logits) instead of a probe on the final representation.
 
 Nothing here trains a stitch: the ground truth is trained once and every variant is re-scored against
-it (Spearman ρ and recovery), so choices are made on the score split and reported on the eval split.
+it (Spearman ρ and recovery at K, :func:`klas.quality.signals.rate`), so choices are made on the score
+split and reported on the eval split. The default's probes are the search's own (its run directory's
+bank), not trained again.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ import numpy as np
 import torch
 
 from klas import probes, score
-from klas.metrics import recovery, spearman
+from klas.probes import ProbeBank
 from klas.quality.config import QualityConfig
+from klas.quality.signals import rate
 from klas.search import SIGMA_FLOOR, probe_index, rep_positions
-from klas.select import select
 
 DEFAULT = "default"
 
@@ -41,12 +43,16 @@ def _pools(cache, index) -> list[str | None]:
     return [None, *single]
 
 
-def _probe_logits(cache, index, pool: str | None, epochs: int, seed: int, dev) -> torch.Tensor:
-    """Score-split logits (P, N, C) of probes trained on probe-train labels on features ``pool``."""
-    feats = {split: [cache.rep_features(split, m, r, pool) for m, r in index] for split in ("probe-train", "score")}
-    bank = probes.train_probes(feats["probe-train"], np.array(cache.labels("probe-train")), len(cache.classes),
-                               epochs=epochs, seed=seed, device=dev)
-    return torch.cat(list(bank.iter_logits(feats["score"])), dim=1).cpu()
+def _probe_logits(cache, index, pool: str | None, epochs: int, seed: int, dev,
+                  bank: ProbeBank | None = None) -> torch.Tensor:
+    """Score-split logits (P, N, C) of probes trained on probe-train labels on features ``pool``
+    (``bank``: probes already trained so, e.g. the search's)."""
+    score_feats = [cache.rep_features("score", m, r, pool) for m, r in index]
+    if bank is None:
+        bank = probes.train_probes([cache.rep_features("probe-train", m, r, pool) for m, r in index],
+                                   np.array(cache.labels("probe-train")), len(cache.classes), epochs=epochs, seed=seed,
+                                   device=dev)
+    return torch.cat(list(bank.to(dev).iter_logits(score_feats)), dim=1).cpu()
 
 
 def _theta(logits: torch.Tensor, temperature: float) -> np.ndarray:
@@ -66,11 +72,12 @@ def _gammas(theta: np.ndarray, stitches, index, last_head: np.ndarray | None = N
     return out
 
 
-def gamma_variants(cache, stitches: Sequence, cfg: QualityConfig, dev) -> dict[str, np.ndarray]:
-    """Γ of every candidate under every variant (module docstring); ``default`` is ``klas search``'s."""
+def gamma_variants(cache, stitches: Sequence, cfg: QualityConfig, dev, bank: ProbeBank | None = None) -> dict[str, np.ndarray]:
+    """Γ of every candidate under every variant (module docstring); ``default`` is ``klas search``'s
+    (``bank``: the search's probes, else trained again the same way)."""
     index = probe_index(cache)
     out: dict[str, np.ndarray] = {}
-    base = _probe_logits(cache, index, None, cfg.probe_epochs, cfg.seed, dev)
+    base = _probe_logits(cache, index, None, cfg.probe_epochs, cfg.seed, dev, bank)
     # the models' own score-split logits appended as extra rows: Σ at the last block against the head
     heads = torch.stack([torch.as_tensor(np.asarray(cache.logits("score", m), dtype=np.float32))
                          for m in cache.model_names])
@@ -93,18 +100,10 @@ def gamma_variants(cache, stitches: Sequence, cfg: QualityConfig, dev) -> dict[s
     return out
 
 
-def rate_variants(variants: dict[str, np.ndarray], gt_acc: np.ndarray, stitches, anchor_list, profiles,
-                  cfg: QualityConfig) -> dict[str, dict]:
+def rate_variants(variants: dict[str, np.ndarray], gt_acc: np.ndarray, bucket: np.ndarray, k: int) -> dict[str, dict]:
     """Per variant, against one split's ground-truth accuracies: Spearman ρ(-Γ, acc) over all candidates
-    and in range, and the recovery of klas's bucket rule (B, τ) applied to that Γ."""
-    out = {}
-    for name, g in variants.items():
-        keep, bucket = select("klas", stitches, anchor_list, profiles, gamma=g, buckets=cfg.buckets, tau=cfg.tau,
-                              seed=cfg.seed)
-        in_range = bucket >= 0
-        out[name] = {"rho": spearman(-g, gt_acc)["rho"], "rho_in_range": spearman(-g[in_range], gt_acc[in_range])["rho"],
-                     "recovery": recovery(gt_acc, bucket, keep)["rate"], "count": int(keep.sum())}
-    return out
+    and in range, and the recovery of klas's bucket rule on that Γ brought to K."""
+    return {name: rate(g, gt_acc, bucket, k) for name, g in variants.items()}
 
 
 __all__ = ["DEFAULT", "gamma_variants", "rate_variants"]

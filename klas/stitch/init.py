@@ -94,7 +94,86 @@ def _views(net: StitchNet, s) -> tuple[tuple, tuple, Callable[[dict], Tensor], C
             lambda reps: flatten_positions(reps[dst_key], lay_b).double())
 
 
+@dataclass
+class _Sums:
+    """What one pass over images accumulates for a set of stitches (float64): ``grams[x_key]`` = Xa^T Xa,
+    ``crosses[id]`` = Xa^T Y, per target key the sum of squares ``y_sq`` and per-channel sums ``y_sum``,
+    samples ``count[x_key]``, bridged stitches' target prefix-token sums ``extra_sum[id]``, and ``images``."""
+
+    grams: dict[tuple, Tensor]
+    crosses: dict[str, Tensor]
+    y_sq: dict[tuple, Tensor]
+    y_sum: dict[tuple, Tensor]
+    count: dict[tuple, int]
+    extra_sum: dict[str, Tensor]
+    images: int = 0
+
+
 @torch.no_grad()
+def _accumulate(net: StitchNet, batches: Iterable[Tensor], specs: list, views: dict) -> _Sums:
+    """One pass over ``batches``: each anchor runs once per batch, every stitch's sums are added."""
+    needs: dict[str, set[int]] = {}
+    for s in specs:
+        needs.setdefault(s.src, set()).add(s.src_cut)
+        needs.setdefault(s.dst, set()).add(s.dst_cut)
+    sums = _Sums({}, {}, {}, {}, {}, {})
+    was_training = net.training
+    net.eval()
+    for x in batches:
+        reps = net.representations(x, needs)
+        flat: dict[tuple, Tensor] = {}
+        for s in specs:
+            xk, yk, x_of, y_of = views[s.id]
+            xs = flat[xk] = flat[xk] if xk in flat else x_of(reps)
+            ys = flat[yk] = flat[yk] if yk in flat else y_of(reps)
+            if xk not in sums.grams:
+                sums.grams[xk] = torch.zeros(xs.shape[1] + 1, xs.shape[1] + 1, dtype=torch.float64, device=xs.device)
+                sums.count[xk] = 0
+            if ys.shape[0] != xs.shape[0]:
+                raise RuntimeError(f"stitch {s.id}: {xs.shape[0]} source positions vs {ys.shape[0]} target positions")
+            if s.id not in sums.crosses:
+                sums.crosses[s.id] = torch.zeros(xs.shape[1] + 1, ys.shape[1], dtype=torch.float64, device=xs.device)
+            sums.crosses[s.id][:-1] += xs.T @ ys
+            sums.crosses[s.id][-1] += ys.sum(0)
+            if yk not in sums.y_sq:
+                sums.y_sq[yk] = torch.zeros((), dtype=torch.float64, device=ys.device)
+                sums.y_sum[yk] = torch.zeros(ys.shape[1], dtype=torch.float64, device=ys.device)
+            layer = net.stitch_layer(s.id)
+            extra = layer.bridge.target_extra(reps[(s.dst, s.dst_cut)]) if isinstance(layer, BridgedStitch) else None
+            if extra is not None:
+                sums.extra_sum[s.id] = sums.extra_sum.get(s.id, 0) + extra.double().sum(0)
+        for key in {views[s.id][0] for s in specs}:
+            xs = flat[key]
+            g = sums.grams[key]
+            g[:-1, :-1] += xs.T @ xs
+            colsum = xs.sum(0)
+            g[:-1, -1] += colsum
+            g[-1, :-1] += colsum
+            g[-1, -1] += xs.shape[0]
+            sums.count[key] += xs.shape[0]
+        for key in {views[s.id][1] for s in specs}:
+            ys = flat[key]
+            sums.y_sq[key] += (ys * ys).sum()
+            sums.y_sum[key] += ys.sum(0)
+        sums.images += x.shape[0]
+    net.train(was_training)
+    if not sums.grams:
+        raise ValueError("least-squares fit got no images")
+    return sums
+
+
+def _r2(sol: Tensor, sums: _Sums, view: tuple, sid: str) -> tuple[float, Tensor]:
+    """R² of the bias-augmented solution ``sol`` (D+1, E) on the images ``sums`` came from, and the
+    per-channel sums of squares of the fitted values. From the sums alone:
+    RSS = ||Y||^2 - 2 tr(S^T C) + tr(S^T G S), TSS = ||Y||^2 - ||sum Y||^2 / n."""
+    xk, yk = view[0], view[1]
+    g, c, n = sums.grams[xk], sums.crosses[sid], sums.count[xk]
+    fitted_sq = torch.einsum("ie,ij,je->e", sol, g, sol)  # per channel sum of (Xa s_e)^2
+    rss = sums.y_sq[yk] - 2 * (sol * c).sum() + fitted_sq.sum()
+    tss = sums.y_sq[yk] - (sums.y_sum[yk] ** 2).sum() / n
+    return (float(1 - rss / tss) if tss > 0 else float("nan")), fitted_sq
+
+
 def least_squares_init(
     net: StitchNet,
     batches: Iterable[Tensor],
@@ -107,81 +186,44 @@ def least_squares_init(
     stitch. Anchor weights are not changed. A bridged stitch is fitted on the bridged source rows,
     and its learned prefix tokens are set to the target's mean values there.
     """
-    ids = list(net.stitch_ids if ids is None else ids)
-    specs = [net.specs[i] for i in ids]
+    specs = [net.specs[i] for i in (net.stitch_ids if ids is None else ids)]
     views = {s.id: _views(net, s) for s in specs}
-    needs: dict[str, set[int]] = {}
+    sums = _accumulate(net, batches, specs, views)
+    return {s.id: _solve_one(net, s, views[s.id], sums, ridge) for s in specs}
+
+
+def least_squares_r2(
+    net: StitchNet,
+    fit_batches: Iterable[Tensor],
+    test_batches: Iterable[Tensor],
+    ids: Iterable[str] | None = None,
+    ridge: float = DEFAULT_RIDGE,
+) -> dict[str, float]:
+    """R² on ``test_batches`` of each listed stitch's least-squares fit on ``fit_batches`` (the same
+    ridge problem :func:`least_squares_init` solves), every stitch in one pass over each set of images.
+    Nothing in ``net`` changes. 1 = the target's representation is a linear map of the source's;
+    held out, R² can fall below 0."""
+    specs = [net.specs[i] for i in (net.stitch_ids if ids is None else ids)]
+    views = {s.id: _views(net, s) for s in specs}
+    fit, test = _accumulate(net, fit_batches, specs, views), _accumulate(net, test_batches, specs, views)
+    out = {}
     for s in specs:
-        needs.setdefault(s.src, set()).add(s.src_cut)
-        needs.setdefault(s.dst, set()).add(s.dst_cut)
-    grams: dict[tuple, Tensor] = {}
-    crosses: dict[str, Tensor] = {}
-    y_sq: dict[tuple, Tensor] = {}  # sum of squares and per-channel sums of each target
-    y_sum: dict[tuple, Tensor] = {}
-    count: dict[tuple, int] = {}
-    extra_sum: dict[str, Tensor] = {}
-    images = 0
-    was_training = net.training
-    net.eval()
-    for x in batches:
-        reps = net.representations(x, needs)
-        flat: dict[tuple, Tensor] = {}
-        for s in specs:
-            xk, yk, x_of, y_of = views[s.id]
-            xs = flat[xk] = flat[xk] if xk in flat else x_of(reps)
-            ys = flat[yk] = flat[yk] if yk in flat else y_of(reps)
-            if xk not in grams:
-                grams[xk] = torch.zeros(xs.shape[1] + 1, xs.shape[1] + 1, dtype=torch.float64, device=xs.device)
-                count[xk] = 0
-            if ys.shape[0] != xs.shape[0]:
-                raise RuntimeError(f"stitch {s.id}: {xs.shape[0]} source positions vs {ys.shape[0]} target positions")
-            if s.id not in crosses:
-                crosses[s.id] = torch.zeros(xs.shape[1] + 1, ys.shape[1], dtype=torch.float64, device=xs.device)
-            crosses[s.id][:-1] += xs.T @ ys
-            crosses[s.id][-1] += ys.sum(0)
-            if yk not in y_sq:
-                y_sq[yk] = torch.zeros((), dtype=torch.float64, device=ys.device)
-                y_sum[yk] = torch.zeros(ys.shape[1], dtype=torch.float64, device=ys.device)
-            layer = net.stitch_layer(s.id)
-            extra = layer.bridge.target_extra(reps[(s.dst, s.dst_cut)]) if isinstance(layer, BridgedStitch) else None
-            if extra is not None:
-                extra_sum[s.id] = extra_sum.get(s.id, 0) + extra.double().sum(0)
-        for key in {views[s.id][0] for s in specs}:
-            xs = flat[key]
-            g = grams[key]
-            g[:-1, :-1] += xs.T @ xs
-            colsum = xs.sum(0)
-            g[:-1, -1] += colsum
-            g[-1, :-1] += colsum
-            g[-1, -1] += xs.shape[0]
-            count[key] += xs.shape[0]
-        for key in {views[s.id][1] for s in specs}:
-            ys = flat[key]
-            y_sq[key] += (ys * ys).sum()
-            y_sum[key] += ys.sum(0)
-        images += x.shape[0]
-    net.train(was_training)
-    if not grams:
-        raise ValueError("least_squares_init got no images")
-    return {s.id: _solve_one(net, s, views[s.id], grams, crosses, y_sq, y_sum, count, extra_sum.get(s.id), images, ridge)
-            for s in specs}
+        w, b = solve_ridge(fit.grams[views[s.id][0]], fit.crosses[s.id], ridge)
+        out[s.id] = _r2(torch.cat([w.T, b[None]], 0), test, views[s.id], s.id)[0]
+    return out
 
 
-def _solve_one(net, s, view, grams, crosses, y_sq, y_sum, count, extra_sum, images, ridge) -> FitReport:
+def _solve_one(net: StitchNet, s, view: tuple, sums: _Sums, ridge: float) -> FitReport:
     """Solve one stitch's system from the accumulated sums and set its layer (and learned tokens)."""
-    xk, yk = view[0], view[1]
-    g, c, n = grams[xk], crosses[s.id], count[xk]
-    w, b = solve_ridge(g, c, ridge)
-    sol = torch.cat([w.T, b[None]], 0)  # (D+1, E)
-    # residual sum of squares from the sums: ||Y||^2 - 2 tr(S^T C) + tr(S^T G S)
-    fitted_sq = torch.einsum("ie,ij,je->e", sol, g, sol)  # per channel sum of (Xa s_e)^2
-    rss = y_sq[yk] - 2 * (sol * c).sum() + fitted_sq.sum()
-    tss = y_sq[yk] - (y_sum[yk] ** 2).sum() / n
-    report = FitReport(samples=n, r2=float(1 - rss / tss) if tss > 0 else float("nan"))
+    w, b = solve_ridge(sums.grams[view[0]], sums.crosses[s.id], ridge)
+    r2, fitted_sq = _r2(torch.cat([w.T, b[None]], 0), sums, view, s.id)
+    n = sums.count[view[0]]
+    extra_sum = sums.extra_sum.get(s.id)
+    report = FitReport(samples=n, r2=r2)
     layer = net.stitch_layer(s.id)
     if isinstance(layer, BridgedStitch):
         if extra_sum is not None:
-            layer.bridge.extra.data.copy_((extra_sum / images).to(layer.bridge.extra.dtype))
+            layer.bridge.extra.data.copy_((extra_sum / sums.images).to(layer.bridge.extra.dtype))
         layer = layer.layer
     dtype = next(layer.parameters()).dtype
     if isinstance(layer, (LinearStitch, LoRAStitch)):
