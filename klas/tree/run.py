@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,8 +33,9 @@ from klas.train.data import SplitData
 from klas.tree.choose import Scores, auto_shares, block_scores, candidate_trees, chosen_specs, rank_trunks
 from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
-    classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
+    HELD_OUT, SPLITS, classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
+from klas.tree.gain import model_outputs, reference, reference_sets, single_key, tree_models
 from klas.tree.fit import CHECKPOINTS, load_tree_checkpoint, train_tree, tree_checkpoint
 from klas.units import FLOPS_CONVENTION
 from klas.utils import package_versions, resolve_device, sha256_json
@@ -77,13 +77,14 @@ class TreeResult:
 
 
 def check_request(cache, cfg: TreeConfig) -> None:
-    """Refuse, before any work, a trunk the cache lacks or share points outside its range."""
-    names = cache.model_names
+    """Refuse, before any work, models or a trunk the cache lacks or share points outside the trunk's range."""
+    names = tree_models(cache, cfg)
     if len(names) < 2:
         raise KlasError(f"cache {cache.path} has {len(names)} model; a stitch tree needs two or more: re-run klas cache "
                         f"with more --model")
     if cfg.trunk is not None and cfg.trunk not in names:
-        raise KlasError(f"trunk {cfg.trunk!r} is not in cache {cache.path} (it has {', '.join(names)}); pass one of them "
+        where = f"cache {cache.path}" if cfg.models is None else "--models"
+        raise KlasError(f"trunk {cfg.trunk!r} is not in {where} (it has {', '.join(names)}); pass one of them "
                         f"to --trunk, or leave --trunk out to let klas choose")
     if cfg.trunk is not None and cfg.share_at is not None:
         for s in cfg.share_at:
@@ -95,9 +96,10 @@ def plan_tree(cache, cfg: TreeConfig, device: torch.device, console: Console, pr
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not progress, transient=True) as bar:
         task = bar.add_task("scoring: probes for every block", total=None)
+        names = tree_models(cache, cfg)
         scores = block_scores(cache, probe_epochs=cfg.probe_epochs, temperature=cfg.temperature, seed=cfg.seed,
-                              device=device, progress=lambda s, t: bar.update(task, completed=s, total=t))
-    profiles = cache.profiles
+                              device=device, progress=lambda s, t: bar.update(task, completed=s, total=t), names=names)
+    profiles = {n: cache.profiles[n] for n in names}
     trunks = rank_trunks(profiles, scores, cfg.match, cfg.layer)
     trunk = cfg.trunk or trunks[0]["trunk"]
     if cfg.share_at is not None:
@@ -175,66 +177,60 @@ def read_manifest(run_dir: Path | str) -> dict:
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-def best_single(cache) -> str:
-    """The model whose own head scores best on the score split (the floor; chosen off the eval split)."""
-    labels = np.asarray(cache.labels("score"))
-    acc = {m: float(np.mean(np.asarray(cache.logits("score", m)).argmax(1) == labels)) for m in cache.model_names}
-    return max(cache.model_names, key=lambda m: (acc[m], m))
-
-
-def evaluate_trees(cache, trees: dict[int, StitchTree], own: dict, data: dict, cfg: TreeConfig,
+def evaluate_trees(cache, names: list[str], trees: dict[int, StitchTree], own: dict, data: dict, cfg: TreeConfig,
                    device: torch.device) -> dict[str, Any]:
-    """Fidelity, classifier accuracies (trees, ceiling, singles) and latencies; see :mod:`klas.tree.evaluate`."""
-    names = cache.model_names
-    tr, ev = "probe-train", "eval"
-    feats = {tr: {"all": concat(own[tr], names)}, ev: {"all": concat(own[ev], names)}}
-    for n in names:
-        for split in (tr, ev):
-            feats[split][f"single:{n}"] = own[split][n]["features"]
+    """Fidelity, classifier accuracies on score and eval (trees; floor and ceiling, :func:`klas.tree.gain.reference`)
+    and latencies; see :mod:`klas.tree.evaluate`."""
+    feats = reference_sets(own, [names])
     fid = {}
     for s, tree in trees.items():
-        out = {split: split_outputs(tree, data[split], batch_size=cfg.eval_batch_size, device=device) for split in (tr, ev)}
-        fid[s] = fidelity(out[ev], own[ev], data[ev].labels.numpy())
-        for split in (tr, ev):
+        out = {split: split_outputs(tree, data[split], batch_size=cfg.eval_batch_size, device=device) for split in SPLITS}
+        fid[s] = fidelity(out["eval"], own["eval"], data["eval"].labels.numpy())
+        for split in SPLITS:
             feats[split][f"tree:{s}"] = concat(out[split], tree.spec.names)
-    acc = classifier_accuracy(feats[tr], feats[ev], data[tr].labels.numpy(), data[ev].labels.numpy(), len(cache.classes),
-                              epochs=cfg.probe_epochs, seed=cfg.seed, device=device)
-    floor = best_single(cache)
+    acc = classifier_accuracy(feats["probe-train"], {s: feats[s] for s in HELD_OUT}, data["probe-train"].labels.numpy(),
+                              {s: data[s].labels.numpy() for s in HELD_OUT}, len(cache.classes), epochs=cfg.probe_epochs,
+                              seed=cfg.seed, device=device)
+    ref = reference(acc, names, cache.profiles)
     lat: dict[str, float] = {}
     if cfg.latency:
-        x = data[ev].first(cfg.latency_batch)
+        x = data["eval"].first(cfg.latency_batch)
         adapters = {n: t.adapter(n) for t in trees.values() for n in t.spec.names}
         lat["all"] = latency_ms(AllModels(adapters), x, device=device, repeats=cfg.latency_repeats)
+        floor = ref["floor"]["model"]
         lat["single"] = latency_ms(AllModels({floor: adapters[floor]}), x, device=device, repeats=cfg.latency_repeats)
         for s, tree in trees.items():
             lat[f"tree:{s}"] = latency_ms(tree, x, device=device, repeats=cfg.latency_repeats)
-    return {"accuracy": acc, "fidelity": fid, "floor": floor, "latency_ms": lat}
+    return {"accuracy": acc, "fidelity": fid, "reference": ref, "latency_ms": lat}
 
 
-def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple[list[dict], dict]:
-    """One row per share point and the reference systems (floor, ceiling), for ``tree.json``."""
-    profiles, acc, lat = cache.profiles, ev["accuracy"], ev["latency_ms"]
-    floor, ceiling = acc[f"single:{ev['floor']}"], acc["all"]
+def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple[list[dict], dict]:
+    """One row per share point and the reference systems (floor, ceiling), for ``tree.json``. ``acc`` and
+    ``recovered`` are on the eval split, ``acc_score`` and ``recovered_score`` on the score split."""
+    profiles, acc, lat, ref = {n: cache.profiles[n] for n in names}, ev["accuracy"], ev["latency_ms"], ev["reference"]
+    floor, ceiling = ref["floor"], ref["ceiling"]
     score = {c["share"]: c["score"] for c in plan.candidates}
     rows = []
     for spec in plan.specs:
         s, cost = spec.share, tree_cost(profiles, spec, cfg.layer)
+        a = {split: acc[split][f"tree:{s}"] for split in HELD_OUT}
         rows.append({
             "share": s, "spec": spec.to_json(), "macs": cost["macs"], "gflops": cost["macs"] / 1e9, "params": cost["params"],
             "cost_parts": cost, "extra_cost": cost["macs"] / cost["largest_macs"] - 1, "score": score.get(s),
-            "acc": acc[f"tree:{s}"], "recovered": recovered_gain(acc[f"tree:{s}"], floor, ceiling),
+            "acc": a["eval"], "recovered": recovered_gain(a["eval"], floor["eval"], ceiling["eval"]),
+            "acc_score": a["score"], "recovered_score": recovered_gain(a["score"], floor["score"], ceiling["score"]),
             "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "fit_r2": fits[s].fit_r2,
             "history": fits[s].history,
         })
-    largest = max(p.macs for p in profiles.values())
-    all_macs = sum(p.macs for p in profiles.values())
+    largest = ref["largest"]["macs"]
     reference = {
-        "floor": {"model": ev["floor"], "macs": profiles[ev["floor"]].macs, "acc": floor, "latency_ms": lat.get("single"),
-                  "extra_cost": profiles[ev["floor"]].macs / largest - 1},
-        "ceiling": {"models": cache.model_names, "macs": all_macs, "acc": ceiling, "latency_ms": lat.get("all"),
-                    "extra_cost": all_macs / largest - 1},
-        "largest": {"model": max(profiles, key=lambda n: profiles[n].macs), "macs": largest},
-        "singles": {n: {"macs": profiles[n].macs, "acc": acc[f"single:{n}"]} for n in cache.model_names},
+        "floor": {"model": floor["model"], "macs": floor["macs"], "acc": floor["eval"], "acc_score": floor["score"],
+                  "latency_ms": lat.get("single"), "extra_cost": floor["macs"] / largest - 1},
+        "ceiling": {"models": names, "macs": ceiling["macs"], "acc": ceiling["eval"], "acc_score": ceiling["score"],
+                    "latency_ms": lat.get("all"), "extra_cost": ceiling["extra_cost"]},
+        "largest": ref["largest"],
+        "singles": {n: {"macs": profiles[n].macs, "acc": acc["eval"][single_key(n)],
+                        "acc_score": acc["score"][single_key(n)]} for n in names},
     }
     return rows, reference
 
@@ -269,12 +265,12 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
 def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch.device, console: Console,
                 progress: bool, t0: float) -> TreeResult:
     """Train every tree of the plan and, once all are trained, evaluate them and write ``tree.json``."""
-    data = {s: SplitData(cache, s, root=cfg.root) for s in ("probe-train", "eval")}
-    models = {m.name: m for m in cache.load_models(device=device, root=cfg.root)}
-    console.print(f"running the {len(models)} models on probe-train and eval ...")
-    everyone = AllModels({n: models[n].adapter for n in cache.model_names})
-    own = {s: split_outputs(everyone, d, batch_size=cfg.eval_batch_size, device=device) for s, d in data.items()}
-    targets = {n: {"features": torch.from_numpy(own["probe-train"][n]["features"])} for n in cache.model_names}
+    names = tree_models(cache, cfg)
+    data = {s: SplitData(cache, s, root=cfg.root) for s in SPLITS}
+    models = {m.name: m for m in cache.load_models(device=device, root=cfg.root) if m.name in names}
+    console.print(f"running the {len(models)} models on {', '.join(SPLITS)} ...")
+    own = model_outputs(models, names, data, batch_size=cfg.eval_batch_size, device=device)
+    targets = {n: {"features": torch.from_numpy(own["probe-train"][n]["features"])} for n in names}
     budget = [cfg.stop_after if cfg.stop_after is not None else math.inf]
     fits = {}
     for spec in plan.specs:
@@ -284,16 +280,17 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch
             console.print(f"stopped at share point {spec.share}, epoch {fits[spec.share].epoch_done}/{cfg.total_epochs}; "
                           f"continue with --resume")
             return TreeResult(run_dir, {}, False, time.perf_counter() - t0, plan)
-    console.print(f"evaluating {len(fits)} trees on the eval split ...")
+    console.print(f"evaluating {len(fits)} trees on the score and eval splits ...")
     trees = {s: StitchTree.from_net(f.net, spec).eval() for (s, f), spec in zip(fits.items(), plan.specs)}
-    ev = evaluate_trees(cache, trees, own, data, cfg, device)
-    rows, reference = tree_rows(cache, plan, fits, ev, cfg)
+    ev = evaluate_trees(cache, names, trees, own, data, cfg, device)
+    rows, reference = tree_rows(cache, names, plan, fits, ev, cfg)
     manifest = {
         "format": FORMAT, "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
         "config": cfg.recipe(), "config_sha256": sha256_json(cfg.recipe()), "trunk": plan.trunk,
         "trunk_ranking": plan.trunks,
         "candidates": [{k: (v.to_json() if k == "spec" else v) for k, v in c.items()} for c in plan.candidates],
-        "trees": rows, "reference": reference, "train_images": data["probe-train"].n, "eval_images": data["eval"].n,
+        "models": names, "trees": rows, "reference": reference, "train_images": data["probe-train"].n,
+        "score_images": data["score"].n, "eval_images": data["eval"].n,
         "input_size": list(data["eval"].input_size), "data_config": cache.manifest["data"]["preprocess"],
         "latency": {"batch": min(cfg.latency_batch, data["eval"].n), "device": str(device), "repeats": cfg.latency_repeats,
                     "statistic": "median ms per forward pass of one batch"} if cfg.latency else None,
