@@ -116,6 +116,10 @@ class GainReport:
                 "split_sizes": self.split_sizes, "accuracy_unit": "fraction", "flops": FLOPS_CONVENTION,
                 "seconds": self.seconds}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "GainReport":
+        return cls(Path(d["cache"]), d["rows"], d["settings"], d["split_sizes"], d.get("seconds", 0.0), d.get("singles", {}))
+
     def table(self) -> Table:
         t = Table(title=f"{self.cache.name}: the gain a tree can recover (linear classifier on pre-logits features)",
                   caption="floor: the best single model (its classifier, chosen on the score split); ceiling: the "
@@ -134,10 +138,11 @@ class GainReport:
 
 
 def subset_gains(cache_path: Path | str, config: TreeConfig | None = None, subsets: Sequence[Sequence[str]] | None = None,
-                 *, console: Console | None = None) -> GainReport:
+                 *, console: Console | None = None, prepared=None) -> GainReport:
     """Floor, ceiling and gain (module docstring) of each of ``subsets`` (default :func:`default_subsets` of
     ``config.models`` or of every cached model), with ``config``'s classifier settings (``probe_epochs``,
-    ``seed``), batch size, device and root: the numbers ``klas tree`` would report as its floor and ceiling."""
+    ``seed``), batch size, device and root: the numbers ``klas tree`` would report as its floor and ceiling.
+    ``prepared`` (:func:`klas.tree.prepare.prepare` for ``config``): reuse its model outputs."""
     t0 = time.perf_counter()
     cfg = config or TreeConfig()
     cache = open_cache(cache_path)
@@ -152,19 +157,22 @@ def subset_gains(cache_path: Path | str, config: TreeConfig | None = None, subse
     for s in subsets:
         if len(s) < 1 or len(set(s)) != len(s) or any(n not in names for n in s):
             raise KlasError(f"subset {'+'.join(s)} must name different models among {', '.join(names)}")
-    used = list(dict.fromkeys(n for s in subsets for n in s))
     device = resolve_device(cfg.device)
-    (console or Console(stderr=True)).print(f"running {len(used)} models on {', '.join(SPLITS)} ...")
-    data = {s: SplitData(cache, s, root=cfg.root) for s in SPLITS}
-    models = {m.name: m for m in cache.load_models(device=device, root=cfg.root) if m.name in used}
-    own = model_outputs(models, used, data, batch_size=cfg.eval_batch_size, device=device)
+    if prepared is not None:
+        prepared.check(cache, cfg, device)
+        data, own = prepared.data, prepared.own
+    else:
+        used = list(dict.fromkeys(n for s in subsets for n in s))
+        (console or Console(stderr=True)).print(f"running {len(used)} models on {', '.join(SPLITS)} ...")
+        data = {s: SplitData(cache, s, root=cfg.root) for s in SPLITS}
+        models = {m.name: m for m in cache.load_models(device=device, root=cfg.root) if m.name in used}
+        own = model_outputs(models, used, data, batch_size=cfg.eval_batch_size, device=device)
     sets = reference_sets(own, subsets)
     acc = classifier_accuracy(sets["probe-train"], {s: sets[s] for s in HELD_OUT}, data["probe-train"].labels.numpy(),
                               {s: data[s].labels.numpy() for s in HELD_OUT}, len(cache.classes),
                               epochs=cfg.probe_epochs, seed=cfg.seed, device=device)
-    profiles = cache.profiles
-    rows = sorted((reference(acc, s, profiles) for s in subsets), key=lambda r: (-r["gain"]["eval"], r["models"]))
-    singles = {n: {s: acc[s][single_key(n)] for s in HELD_OUT} for n in used}
+    rows = sorted((reference(acc, s, cache.profiles) for s in subsets), key=lambda r: (-r["gain"]["eval"], r["models"]))
+    singles = {n: {s: acc[s][single_key(n)] for s in HELD_OUT} for n in dict.fromkeys(n for s in subsets for n in s)}
     return GainReport(cache.path, rows, {"probe_epochs": cfg.probe_epochs, "seed": cfg.seed, "classifier": "klas.probes"},
                       {s: d.n for s, d in data.items()}, time.perf_counter() - t0, singles)
 

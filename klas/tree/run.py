@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from klas.cache import open_cache
@@ -29,13 +28,13 @@ from klas.run import open_run_cache
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
 from klas.train.checkpoint import load_checkpoint
-from klas.train.data import SplitData
-from klas.tree.choose import Scores, auto_shares, block_scores, candidate_trees, chosen_specs, rank_trunks
+from klas.tree.choose import Scores, auto_shares, candidate_trees, chosen_specs, rank_trunks
 from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
     HELD_OUT, SPLITS, classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
-from klas.tree.gain import model_outputs, reference, reference_sets, single_key, tree_models
+from klas.tree.gain import reference, reference_sets, single_key, tree_models
+from klas.tree.prepare import Prepared, prepare, score_blocks
 from klas.tree.fit import CHECKPOINTS, load_tree_checkpoint, train_tree, tree_checkpoint
 from klas.units import FLOPS_CONVENTION
 from klas.utils import package_versions, resolve_device, sha256_json
@@ -91,14 +90,9 @@ def check_request(cache, cfg: TreeConfig) -> None:
             check_share(cfg.trunk, cache.profiles[cfg.trunk], s)
 
 
-def plan_tree(cache, cfg: TreeConfig, device: torch.device, console: Console, progress: bool) -> Plan:
-    """Scores, the trunk (given or best-ranked) and its share points (given or auto), checked."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not progress, transient=True) as bar:
-        task = bar.add_task("scoring: probes for every block", total=None)
-        names = tree_models(cache, cfg)
-        scores = block_scores(cache, probe_epochs=cfg.probe_epochs, temperature=cfg.temperature, seed=cfg.seed,
-                              device=device, progress=lambda s, t: bar.update(task, completed=s, total=t), names=names)
+def plan_tree(cache, cfg: TreeConfig, scores: Scores) -> Plan:
+    """The trunk (given or best-ranked by ``scores``) and its share points (given or auto), checked."""
+    names = tree_models(cache, cfg)
     profiles = {n: cache.profiles[n] for n in names}
     trunks = rank_trunks(profiles, scores, cfg.match, cfg.layer)
     trunk = cfg.trunk or trunks[0]["trunk"]
@@ -239,11 +233,14 @@ def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: Tr
 
 
 def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: TreeConfig | None = None, *,
-             console: Console | None = None, progress: bool = True, **overrides: Any) -> TreeResult:
+             console: Console | None = None, progress: bool = True, prepared: Prepared | None = None,
+             **overrides: Any) -> TreeResult:
     """Choose, train and evaluate a Stitch Tree sweep over the models of a cache (module docstring).
 
     ``config`` holds the options (:class:`~klas.tree.config.TreeConfig`), keyword ``overrides`` replace
     single fields. Writes ``run_dir`` (default ``cache/runs/<cache>-tree``) and returns a :class:`TreeResult`.
+    ``prepared`` (:func:`klas.tree.prepare.prepare`, same models and scoring settings): the scores and the
+    models' own outputs of an earlier run over this cache, reused instead of computed again.
     """
     t0 = time.perf_counter()
     cfg = (config or TreeConfig()).with_overrides(**overrides) if overrides else (config or TreeConfig())
@@ -253,23 +250,22 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-tree"
     check_dir(run_dir, cfg)
     device = resolve_device(cfg.device)
-    plan = plan_tree(cache, cfg, device, console, progress)
+    if prepared is not None:
+        prepared.check(cache, cfg, device)
+    plan = plan_tree(cache, cfg, prepared.scores if prepared else score_blocks(cache, cfg, device, console, progress))
     for t in plan_tables(plan, cfg.trunk is None):
         console.print(t)
+    prepared = prepared or prepare(cache, cfg, device, console=console, progress=progress, scores=plan.scores)
     claim_dir(run_dir, KIND, "--run")
     with DirLock(run_dir, "--run"):
         prepare_dir(run_dir, cfg)
-        return _run_locked(cache, run_dir, plan, cfg, device, console, progress, t0)
+        return _run_locked(cache, run_dir, plan, cfg, prepared, device, console, progress, t0)
 
 
-def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch.device, console: Console,
-                progress: bool, t0: float) -> TreeResult:
+def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, prepared: Prepared, device: torch.device,
+                console: Console, progress: bool, t0: float) -> TreeResult:
     """Train every tree of the plan and, once all are trained, evaluate them and write ``tree.json``."""
-    names = tree_models(cache, cfg)
-    data = {s: SplitData(cache, s, root=cfg.root) for s in SPLITS}
-    models = {m.name: m for m in cache.load_models(device=device, root=cfg.root) if m.name in names}
-    console.print(f"running the {len(models)} models on {', '.join(SPLITS)} ...")
-    own = model_outputs(models, names, data, batch_size=cfg.eval_batch_size, device=device)
+    names, data, models, own = prepared.names, prepared.data, prepared.models, prepared.own
     targets = {n: {"features": torch.from_numpy(own["probe-train"][n]["features"])} for n in names}
     budget = [cfg.stop_after if cfg.stop_after is not None else math.inf]
     fits = {}
