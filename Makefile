@@ -47,4 +47,5 @@ bench: $(STAMP)
 	$(KLAS) zoo --model klas_vit_d4 --model klas_vit_d8
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_heterogeneous.py
+	$(PY) benchmarks/bench_tree.py
 	$(PY) benchmarks/bench_recipe.py --run cache/runs/demo-vit
