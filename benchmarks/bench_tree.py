@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--stages", help="FIELD=v1,v2;... (default: " + "; ".join(
         f"{s.field}={','.join(map(str, s.values))}" for s in DEFAULT_STAGES) + ")")
     ap.add_argument("--trunk", help="fix the trunk (default: klas tree's choice)")
+    ap.add_argument("--trunk-rule", help="without --trunk: score (klas tree's default) or floor (the best single model)")
     ap.add_argument("--share-at", help="fix the share points s1,s2,... (default: klas tree's auto choice)")
     ap.add_argument("--points", type=int, help="auto share points (default 3)")
     ap.add_argument("--steps-per-epoch", type=int, help="default: one pass over probe-train")
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(max(1, args.threads))
     models = tuple(m.strip() for m in (args.models or ",".join(QUICK_MODELS if args.quick else FULL_MODELS)).split(","))
     names = [parse_spec(m).name for m in models]
-    over = {k: v for k, v in (("trunk", args.trunk), ("share_at", parse_share_at(args.share_at)), ("points", args.points),
+    over = {k: v for k, v in (("trunk", args.trunk), ("trunk_rule", args.trunk_rule), ("share_at", parse_share_at(args.share_at)), ("points", args.points),
                               ("steps_per_epoch", args.steps_per_epoch)) if v is not None}
     base = TreeConfig(**(QUICK if args.quick else {}), models=tuple(names), device=args.device, root=Path(args.root))
     base = base.with_overrides(**over)

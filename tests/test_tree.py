@@ -270,6 +270,20 @@ def test_export_and_load_tree_round_trip(finished):
         klas.load_tree(result.out_dir)
 
 
+def test_trunk_rule_floor_takes_the_reported_floor_model(finished, tree_cache):
+    from klas.cache import open_cache
+    from klas.tree import TreeConfig
+    from klas.tree.prepare import prepare
+    from klas.tree.run import choose_plan
+
+    cache = open_cache(tree_cache)
+    cfg = TreeConfig(**{**FAST, "root": tree_cache.parent, "trunk_rule": "floor", "share_at": (2,)})
+    prepared = prepare(cache, cfg, torch.device("cpu"), console=quiet(), progress=False)
+    plan = choose_plan(cache, cfg, prepared, torch.device("cpu"))
+    assert plan.trunk == finished.manifest["reference"]["floor"]["model"]
+    assert [s.share for s in plan.specs] == [2] and plan.scores.theta.shape == finished.plan.scores.theta.shape
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--trunk", "klas_vit_b"], r"trunk 'klas_vit_b' is not in cache .* \(it has klas_vit_ti, klas_resnet_s, b\)"),
     (["--models", "klas_vit_ti,b", "--trunk", "klas_resnet_s"], r"trunk 'klas_resnet_s' is not in --models \(it has klas_vit_ti, b\)"),
@@ -280,6 +294,7 @@ def test_export_and_load_tree_round_trip(finished):
     (["--share-at", "two"], r"--share-at 'two' is not a list of block boundaries"),
     (["--epochs", "0"], r"--epochs plus --task-epochs must be at least 1"),
     (["--layer", "conv"], r"unknown --layer 'conv'"),
+    (["--trunk-rule", "best"], r"unknown --trunk-rule 'best'"),
     (["--resume"], r"has nothing to resume"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tree_cache, tmp_path, argv, message):

@@ -84,9 +84,25 @@ def reference_sets(own: Mapping[str, Outputs], subsets: Sequence[Sequence[str]])
     return out
 
 
+def floor_of(acc: Mapping[str, Mapping[str, float]], subset: Sequence[str]) -> str:
+    """The best single model of ``subset``: its classifier's top-1 on the score split (ties: the later name)."""
+    return max(subset, key=lambda n: (acc["score"][single_key(n)], n))
+
+
+def floor_model(own: Mapping[str, Outputs], data: Mapping[str, SplitData], names: Sequence[str], num_classes: int,
+                cfg: TreeConfig, device: torch.device) -> str:
+    """The floor of ``names`` (:func:`floor_of`) from the models' own outputs, with ``cfg``'s classifier settings:
+    the model ``klas tree`` reports as its floor."""
+    sets = reference_sets({s: own[s] for s in SPLITS}, [[n] for n in names])
+    acc = classifier_accuracy(sets["probe-train"], {"score": sets["score"]}, data["probe-train"].labels.numpy(),
+                              {"score": data["score"].labels.numpy()}, num_classes, epochs=cfg.probe_epochs,
+                              seed=cfg.seed, device=device)
+    return floor_of(acc, names)
+
+
 def reference(acc: Mapping[str, Mapping[str, float]], subset: Sequence[str], profiles: Mapping) -> dict:
     """Floor, ceiling and gain of ``subset`` from the classifiers' top-1 (``acc[split][key]``, module docstring)."""
-    floor = max(subset, key=lambda n: (acc["score"][single_key(n)], n))
+    floor = floor_of(acc, subset)
     ceil = concat_key(subset) if len(subset) > 1 else single_key(subset[0])
     largest = max(profiles[n].macs for n in subset)
     macs = sum(profiles[n].macs for n in subset)
@@ -177,5 +193,5 @@ def subset_gains(cache_path: Path | str, config: TreeConfig | None = None, subse
                       {s: d.n for s, d in data.items()}, time.perf_counter() - t0, singles)
 
 
-__all__ = ["GainReport", "concat_key", "default_subsets", "model_outputs", "reference", "reference_sets", "single_key",
+__all__ = ["GainReport", "concat_key", "default_subsets", "floor_model", "floor_of", "model_outputs", "reference", "reference_sets", "single_key",
            "subset_gains", "tree_models"]

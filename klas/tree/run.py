@@ -33,8 +33,8 @@ from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
     HELD_OUT, SPLITS, classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
-from klas.tree.gain import reference, reference_sets, single_key, tree_models
-from klas.tree.prepare import Prepared, prepare, score_blocks
+from klas.tree.gain import floor_model, reference, reference_sets, single_key, tree_models
+from klas.tree.prepare import Prepared, prepare
 from klas.tree.fit import CHECKPOINTS, load_tree_checkpoint, train_tree, tree_checkpoint
 from klas.units import FLOPS_CONVENTION
 from klas.utils import package_versions, resolve_device, sha256_json
@@ -90,12 +90,15 @@ def check_request(cache, cfg: TreeConfig) -> None:
             check_share(cfg.trunk, cache.profiles[cfg.trunk], s)
 
 
-def plan_tree(cache, cfg: TreeConfig, scores: Scores) -> Plan:
-    """The trunk (given or best-ranked by ``scores``) and its share points (given or auto), checked."""
+def plan_tree(cache, cfg: TreeConfig, scores: Scores, floor: str | None = None) -> Plan:
+    """The trunk (given, else the best-ranked by ``scores`` or, under ``trunk_rule="floor"``, the ``floor``
+    model) and its share points (given or auto), checked."""
     names = tree_models(cache, cfg)
     profiles = {n: cache.profiles[n] for n in names}
     trunks = rank_trunks(profiles, scores, cfg.match, cfg.layer)
-    trunk = cfg.trunk or trunks[0]["trunk"]
+    if cfg.trunk is None and cfg.trunk_rule == "floor" and floor is None:
+        raise KlasError("trunk_rule 'floor' needs the floor model; plan with choose_plan")
+    trunk = cfg.trunk or (floor if cfg.trunk_rule == "floor" else trunks[0]["trunk"])
     if cfg.share_at is not None:
         for s in cfg.share_at:
             check_share(trunk, profiles[trunk], s)
@@ -107,13 +110,21 @@ def plan_tree(cache, cfg: TreeConfig, scores: Scores) -> Plan:
                 cfg.share_at is None)
 
 
-def plan_tables(plan: Plan, auto_trunk: bool) -> list[Table]:
+def choose_plan(cache, cfg: TreeConfig, prepared: Prepared, device: torch.device) -> Plan:
+    """:func:`plan_tree` with the floor model found first where ``trunk_rule="floor"`` picks the trunk."""
+    floor = None
+    if cfg.trunk is None and cfg.trunk_rule == "floor":
+        floor = floor_model(prepared.own, prepared.data, prepared.names, len(cache.classes), cfg, device)
+    return plan_tree(cache, cfg, prepared.scores, floor)
+
+
+def plan_tables(plan: Plan, auto_trunk: bool, rule: str = "score") -> list[Table]:
     """The trunk ranking and the chosen trunk's share points, as klas scored them."""
     t = Table(title="trunks: median over share points of Σ Γ (trunk -> each branch), lower is better")
     for col in ("trunk", "median Σ Γ", "best share point", "its Σ Γ", ""):
         t.add_column(col, justify="left" if col in ("trunk", "") else "right")
     for r in plan.trunks:
-        mark = ("chosen" if auto_trunk else "given") if r["trunk"] == plan.trunk else ""
+        mark = (f"chosen ({rule})" if auto_trunk else "given") if r["trunk"] == plan.trunk else ""
         t.add_row(r["trunk"], f"{r['median_score']:.3f}", str(r["best_share"]), f"{r['best_score']:.3f}", mark)
     s = Table(title=f"share points of trunk {plan.trunk}", caption=FLOPS_CONVENTION)
     for col in ("share", "branches (model@cut)", "GFLOPs", "Σ Γ", ""):
@@ -252,10 +263,10 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     device = resolve_device(cfg.device)
     if prepared is not None:
         prepared.check(cache, cfg, device)
-    plan = plan_tree(cache, cfg, prepared.scores if prepared else score_blocks(cache, cfg, device, console, progress))
-    for t in plan_tables(plan, cfg.trunk is None):
+    prepared = prepared or prepare(cache, cfg, device, console=console, progress=progress)
+    plan = choose_plan(cache, cfg, prepared, device)
+    for t in plan_tables(plan, cfg.trunk is None, cfg.trunk_rule):
         console.print(t)
-    prepared = prepared or prepare(cache, cfg, device, console=console, progress=progress, scores=plan.scores)
     claim_dir(run_dir, KIND, "--run")
     with DirLock(run_dir, "--run"):
         prepare_dir(run_dir, cfg)
@@ -359,5 +370,5 @@ def tradeoff_table(manifest: dict, title: str) -> Table:
     return t
 
 
-__all__ = ["FORMAT", "KIND", "MANIFEST", "Plan", "TreeResult", "check_request", "plan_tree", "read_manifest",
+__all__ = ["FORMAT", "KIND", "MANIFEST", "Plan", "TreeResult", "check_request", "choose_plan", "plan_tree", "read_manifest",
            "trained_tree", "tree_run", "tradeoff_table"]

@@ -38,7 +38,7 @@ from klas.errors import KlasError
 from klas.tree.config import TreeConfig
 from klas.tree.gain import subset_gains
 from klas.tree.prepare import prepare
-from klas.tree.run import MANIFEST, plan_tree, tree_run
+from klas.tree.run import MANIFEST, choose_plan, tree_run
 from klas.utils import resolve_device
 
 
@@ -128,7 +128,7 @@ def tree_sweep(cache_path: Path | str, work: Path | str, base: TreeConfig | None
     device = resolve_device(base.device)
     prepared = prepare(cache, base, device, console=console, progress=progress)
     gains = subset_gains(cache.path, base, console=console, prepared=prepared)
-    plan = plan_tree(cache, base, prepared.scores)
+    plan = choose_plan(cache, base, prepared, device)
     fixed = base.with_overrides(trunk=plan.trunk, share_at=tuple(s.share for s in plan.specs))
     say(f"trunk {plan.trunk}, share points {list(fixed.share_at)}; models {', '.join(prepared.names)} "
         f"({time.perf_counter() - t0:.0f} s to prepare)")
