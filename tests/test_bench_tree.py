@@ -46,3 +46,15 @@ def test_bench_tree_quick_chooses_on_score_and_reads_finished_runs_back(tmp_path
     monkeypatch.setattr(sweep, "tree_run", refuse)
     again = main(argv + ["--keep-cache"])
     assert json.dumps(again["variants"]) == json.dumps(rep["variants"]) and again["chosen"] == rep["chosen"]
+
+
+def test_sweep_stages_are_parsed_and_checked():
+    from klas.errors import KlasError
+    from klas.tree.sweep import Stage, parse_stages
+
+    assert parse_stages("epochs=2,8; layer=linear,mlp;lr=1e-3") == (
+        Stage("epochs", (2, 8)), Stage("layer", ("linear", "mlp")), Stage("lr", (1e-3,)))
+    for text, msg in (("trunk=a,b", "stitch-training field"), ("seed=0,1", "stitch-training field"),
+                      ("epochs", "FIELD=v1,v2"), ("epochs=2,2", "distinct values"), ("", "at least one stage")):
+        with pytest.raises(KlasError, match=msg):
+            parse_stages(text)

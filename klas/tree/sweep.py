@@ -42,6 +42,12 @@ from klas.tree.run import MANIFEST, choose_plan, tree_run
 from klas.utils import resolve_device
 
 
+#: Recipe fields a stage may vary: not the models, the trunk and share points (fixed for the whole sweep), nor
+#: what the shared preparation depends on (scores, seed).
+SWEEPABLE: tuple[str, ...] = tuple(k for k in TreeConfig.recipe_keys() if k not in (
+    "models", "trunk", "trunk_rule", "share_at", "points", "probe_epochs", "temperature", "seed"))
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the sweep: the recipe field it varies and the values it tries, in order (cheapest first)."""
@@ -50,8 +56,9 @@ class Stage:
     values: tuple
 
     def __post_init__(self) -> None:
-        if self.field not in TreeConfig.recipe_keys() or self.field in ("models", "trunk", "share_at", "seed"):
-            raise KlasError(f"a sweep stage varies a training recipe field of klas tree, not {self.field!r}")
+        if self.field not in SWEEPABLE:
+            raise KlasError(f"a sweep stage varies a stitch-training field of klas tree ({', '.join(SWEEPABLE)}), "
+                            f"not {self.field!r}")
         if not self.values or len(set(self.values)) != len(self.values):
             raise KlasError(f"stage {self.field} needs distinct values, got {list(self.values)}")
 
@@ -164,4 +171,4 @@ def tree_sweep(cache_path: Path | str, work: Path | str, base: TreeConfig | None
             "split_sizes": {s: d.n for s, d in prepared.data.items()}, "seconds": time.perf_counter() - t0}
 
 
-__all__ = ["DEFAULT_STAGES", "Stage", "parse_stages", "run_name", "tree_sweep", "variant_row"]
+__all__ = ["DEFAULT_STAGES", "SWEEPABLE", "Stage", "parse_stages", "run_name", "tree_sweep", "variant_row"]
