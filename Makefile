@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(KLAS) zoo --model klas_vit_d4 --model klas_vit_d8
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_heterogeneous.py
+	$(PY) benchmarks/bench_tree.py
 	$(PY) benchmarks/bench_recipe.py --run cache/runs/demo-vit
 
 # The prepared GPU check (benchmarks/bench_gpu.py; README "Benchmarks"): every stage on real timm

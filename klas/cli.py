@@ -266,7 +266,10 @@ def export_pareto_cmd(
 @app.command("tree")
 def tree_cmd(
     cache_dir: Path = typer.Argument(..., help="A cache directory written by klas cache (two or more models)."),
-    trunk: Optional[str] = typer.Option(None, "--trunk", help="The model whose early blocks run once (default: the best-scored)."),
+    models: str = typer.Option("all", "--models", help="The models the tree joins, m1,m2,... (two or more) or all (every cached model)."),
+    gain_only: bool = typer.Option(False, "--gain-only", help="Train no tree: print the floor, ceiling and gain of every pair of the models (and of all of them)."),
+    trunk: Optional[str] = typer.Option(None, "--trunk", help="The model whose early blocks run once (default: chosen by --trunk-rule)."),
+    trunk_rule: str = typer.Option("score", "--trunk-rule", help="Without --trunk: score (the best-scored model) or floor (the best single model, kept whole)."),
     share_at: str = typer.Option("auto", "--share-at", help="Share points (trunk block boundaries) s1,s2,... or auto (the best-scored per cost range)."),
     points: int = typer.Option(3, "--points", help="How many share points auto picks."),
     match: str = typer.Option("relative", help="Where branches join: relative (same relative depth) or score (lowest stitch score Γ)."),
@@ -288,13 +291,18 @@ def tree_cmd(
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
 ) -> None:
     """Stitch Tree: one trunk run once, a branch per model; choose, train and evaluate a sweep of share points."""
-    from klas.tree import TreeConfig, parse_share_at, tree_run
+    from klas.tree import TreeConfig, parse_models, parse_share_at, subset_gains, tree_run
 
     config = TreeConfig(
-        trunk=trunk, share_at=parse_share_at(share_at), points=points, match=match, layer=layer, epochs=epochs,
+        models=parse_models(models), trunk=trunk, trunk_rule=trunk_rule, share_at=parse_share_at(share_at), points=points, match=match, layer=layer, epochs=epochs,
         task_epochs=task_epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, init_images=init_images,
         probe_epochs=probe_epochs, resume=resume, overwrite=overwrite, latency=latency, device=device, seed=seed, root=root,
     )
+    if gain_only:
+        with _threads(threads):
+            gains = subset_gains(cache_dir, config, console=err)
+        out.print(gains.table())
+        return
     with _threads(threads):
         result = tree_run(cache_dir, run, config, console=err)
     if result.complete:

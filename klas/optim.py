@@ -30,6 +30,12 @@ def warmup_cosine(step: int, total: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
+def warmup_constant(step: int, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based): the linear warm-up of :func:`warmup_cosine`,
+    then constant. It does not depend on the run's length, so a shorter run is exactly a prefix of a longer one."""
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
 def warmup_steps_of(fraction: float, total: int) -> int:
     """Warm-up length for a ``fraction`` of ``total`` steps: at least 1 step when ``fraction`` > 0."""
     return max(1, round(fraction * total)) if fraction > 0 else 0
@@ -118,4 +124,5 @@ def grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.am
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
-__all__ = ["AMP_CHOICES", "AMP_DTYPES", "autocast", "autocast_supports", "grad_scaler", "param_groups", "parse_amp", "set_lr", "warmup_cosine", "warmup_steps_of"]
+__all__ = ["AMP_CHOICES", "AMP_DTYPES", "autocast", "autocast_supports", "grad_scaler", "param_groups", "parse_amp", "set_lr",
+           "warmup_constant", "warmup_cosine", "warmup_steps_of"]

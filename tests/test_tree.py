@@ -106,14 +106,18 @@ def test_auto_share_points_take_the_best_score_per_cost_bucket():
 FAST = dict(epochs=1, task_epochs=1, probe_epochs=1, latency=False, init_images=40, eval_batch_size=64)
 
 
+MODELS = ["klas_vit_ti", "klas_resnet_s", "b"]  # b: a second klas_vit_ti, other weights (an alias)
+
+
 @pytest.fixture(scope="module")
 def tree_cache(tmp_path_factory):
-    """A real klas cache of two random-init demo models of different families (ViT, ResNet), 100 digits per split."""
+    """A real klas cache of three random-init demo models, 100 digits per split: a ViT, a ResNet and a second
+    ViT of the first one's architecture with other weights (Mai et al.'s same-architecture case)."""
     from klas.cache import build_cache
 
     root = tmp_path_factory.mktemp("tree")
-    build_cache(["klas_vit_ti", "klas_resnet_s"], "digits", root / "c", limit=100, random_init=True, root=root,
-                console=Console(file=io.StringIO()), progress=False)
+    build_cache(["klas_vit_ti", "klas_resnet_s", "b:klas_vit_ti"], "digits", root / "c", limit=100, random_init=True,
+                root=root, console=Console(file=io.StringIO()), progress=False)
     return root / "c"
 
 
@@ -145,34 +149,83 @@ def _same_states(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def finished(tree_cache, tmp_path_factory):
+    """A three-model tree: trunk klas_resnet_s, a branch into each ViT."""
     run = tmp_path_factory.mktemp("runs") / "t"
     return _run(tree_cache, run, trunk="klas_resnet_s", share_at=(2, 5))
 
 
-def test_tree_run_writes_a_complete_sweep(finished, tree_cache):
-    m = finished.manifest
-    assert finished.complete and json.loads((finished.run_dir / "tree.json").read_text())["trees"] == json.loads(
+@pytest.fixture(scope="module")
+def pair(tree_cache, tmp_path_factory):
+    """A two-model tree over two of the cache's three models (--models)."""
+    run = tmp_path_factory.mktemp("runs") / "pair"
+    return _run(tree_cache, run, models=("klas_vit_ti", "klas_resnet_s"), trunk="klas_vit_ti", share_at=(3,))
+
+
+def _check_sweep(result, profiles, names, trunk, shares):
+    m = result.manifest
+    assert result.complete and json.loads((result.run_dir / "tree.json").read_text())["trees"] == json.loads(
         json.dumps(m["trees"]))
-    assert m["trunk"] == "klas_resnet_s" and [r["share"] for r in m["trees"]] == [2, 5]
+    assert m["trunk"] == trunk and m["models"] == names and [r["share"] for r in m["trees"]] == shares
+    p = {n: profiles[n] for n in names}
+    ref = m["reference"]
+    for r in m["trees"]:
+        spec = tree_spec(p, trunk, r["share"])
+        assert r["macs"] == tree_cost(p, spec)["macs"] and r["gflops"] == r["macs"] / 1e9
+        assert r["spec"] == spec.to_json() and set(r["fidelity"]) == set(names)
+        assert r["extra_cost"] == pytest.approx(r["macs"] / max(q.macs for q in p.values()) - 1)
+        for n in names:
+            fid = r["fidelity"][n]
+            assert -1 <= fid["cosine"] <= 1 and 0 <= fid["top1"] <= 1
+        assert r["fidelity"][trunk]["cosine"] == pytest.approx(1.0)  # the trunk's branch is the model
+        for acc, rec, key in (("acc", "recovered", "acc"), ("acc_score", "recovered_score", "acc_score")):
+            gain = ref["ceiling"][key] - ref["floor"][key]
+            if gain > 0:
+                assert r[rec] == pytest.approx((r[acc] - ref["floor"][key]) / gain)
+            else:  # running all models gains nothing over the floor: no gain to recover
+                assert r[rec] != r[rec]
+        assert [h["loss_kind"] for h in r["history"]] == ["ffm", "ce"]
+    assert ref["ceiling"]["macs"] == sum(q.macs for q in p.values()) and ref["ceiling"]["models"] == names
+    # the floor: the single model whose classifier scores best on the score split (not on eval)
+    assert ref["floor"]["model"] == max(names, key=lambda n: (ref["singles"][n]["acc_score"], n))
+    assert ref["floor"]["acc"] == ref["singles"][ref["floor"]["model"]]["acc"]
+
+
+def test_tree_run_writes_a_complete_sweep(finished, pair, tree_cache):
     from klas.cache import open_cache
 
     p = open_cache(tree_cache).profiles
-    for r in m["trees"]:
-        spec = tree_spec(p, "klas_resnet_s", r["share"])
-        assert r["macs"] == tree_cost(p, spec)["macs"] and r["gflops"] == r["macs"] / 1e9
-        assert r["spec"] == spec.to_json()
-        assert r["extra_cost"] == pytest.approx(r["macs"] / max(q.macs for q in p.values()) - 1)
-        fid = r["fidelity"]["klas_vit_ti"]
-        assert -1 <= fid["cosine"] <= 1 and 0 <= fid["top1"] <= 1
-        assert r["fidelity"]["klas_resnet_s"]["cosine"] == pytest.approx(1.0)  # the trunk's branch is the model
-        ref = m["reference"]
-        gain = ref["ceiling"]["acc"] - ref["floor"]["acc"]
-        if gain > 0:
-            assert r["recovered"] == pytest.approx((r["acc"] - ref["floor"]["acc"]) / gain)
-        else:  # running both models gains nothing over the floor: no gain to recover
-            assert r["recovered"] != r["recovered"]
-        assert [h["loss_kind"] for h in r["history"]] == ["ffm", "ce"]
-    assert m["reference"]["ceiling"]["macs"] == sum(q.macs for q in p.values())
+    _check_sweep(finished, p, MODELS, "klas_resnet_s", [2, 5])
+    for r in finished.manifest["trees"]:  # one branch per other model, each at the trunk's relative depth
+        assert [(b["model"], b["cut"]) for b in r["spec"]["branches"]] == [
+            (n, relative_cut(p["klas_resnet_s"], r["share"], p[n])) for n in ("klas_vit_ti", "b")]
+    _check_sweep(pair, p, ["klas_vit_ti", "klas_resnet_s"], "klas_vit_ti", [3])
+
+
+def test_gain_only_equals_the_trees_floor_and_ceiling(finished, pair, tree_cache, monkeypatch):
+    """klas tree --gain-only: every pair and all three models, with the numbers klas tree reports for them."""
+    import klas.cli
+    from klas.tree import TreeConfig, subset_gains
+
+    report = subset_gains(tree_cache, TreeConfig(**{**FAST, "root": tree_cache.parent}), console=quiet())
+    by = {tuple(r["models"]): r for r in report.rows}
+    assert set(by) == {("klas_vit_ti", "klas_resnet_s"), ("klas_vit_ti", "b"), ("klas_resnet_s", "b"), tuple(MODELS)}
+    for run, key in ((finished, tuple(MODELS)), (pair, ("klas_vit_ti", "klas_resnet_s"))):
+        ref, row = run.manifest["reference"], by[key]
+        assert row["floor"]["model"] == ref["floor"]["model"]
+        assert (row["floor"]["eval"], row["floor"]["score"]) == (ref["floor"]["acc"], ref["floor"]["acc_score"])
+        assert (row["ceiling"]["eval"], row["ceiling"]["score"]) == (ref["ceiling"]["acc"], ref["ceiling"]["acc_score"])
+        assert row["gain"]["eval"] == ref["ceiling"]["acc"] - ref["floor"]["acc"]
+    assert [r["gain"]["eval"] for r in report.rows] == sorted((r["gain"]["eval"] for r in report.rows), reverse=True)
+    printed = quiet()
+    monkeypatch.setattr(klas.cli, "out", printed)
+    with pytest.raises(SystemExit) as done:
+        klas.cli.main(["tree", str(tree_cache), "--gain-only", "--models", "klas_vit_ti,b", "--probe-epochs", "1", "--root",
+              str(tree_cache.parent), "--device", "cpu"])
+    assert done.value.code == 0
+    out = printed.file.getvalue()
+    row = by[("klas_vit_ti", "b")]
+    assert "klas_vit_ti + b" in out and f"{100 * row['ceiling']['eval']:.2f} ({100 * row['ceiling']['score']:.2f})" in out
+    assert "klas_resnet_s" not in out
 
 
 def test_resume_continues_exactly_and_runs_are_deterministic(finished, tree_cache, tmp_path):
@@ -217,13 +270,31 @@ def test_export_and_load_tree_round_trip(finished):
         klas.load_tree(result.out_dir)
 
 
+def test_trunk_rule_floor_takes_the_reported_floor_model(finished, tree_cache):
+    from klas.cache import open_cache
+    from klas.tree import TreeConfig
+    from klas.tree.prepare import prepare
+    from klas.tree.run import choose_plan
+
+    cache = open_cache(tree_cache)
+    cfg = TreeConfig(**{**FAST, "root": tree_cache.parent, "trunk_rule": "floor", "share_at": (2,)})
+    prepared = prepare(cache, cfg, torch.device("cpu"), console=quiet(), progress=False)
+    plan = choose_plan(cache, cfg, prepared, torch.device("cpu"))
+    assert plan.trunk == finished.manifest["reference"]["floor"]["model"]
+    assert [s.share for s in plan.specs] == [2] and plan.scores.theta.shape == finished.plan.scores.theta.shape
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--trunk", "klas_vit_b"], r"trunk 'klas_vit_b' is not in cache .* \(it has klas_vit_ti, klas_resnet_s\)"),
+    (["--trunk", "klas_vit_b"], r"trunk 'klas_vit_b' is not in cache .* \(it has klas_vit_ti, klas_resnet_s, b\)"),
+    (["--models", "klas_vit_ti,b", "--trunk", "klas_resnet_s"], r"trunk 'klas_resnet_s' is not in --models \(it has klas_vit_ti, b\)"),
+    (["--models", "klas_vit_ti,nope"], r"--models names nope, not in cache"),
+    (["--models", "b"], r"--models must name two or more different cached models"),
     (["--trunk", "klas_vit_ti", "--share-at", "6"], r"share point 6 is out of range for trunk klas_vit_ti \(6 blocks\)"),
     (["--trunk", "klas_vit_ti", "--share-at", "0,2"], r"share point 0 is out of range"),
     (["--share-at", "two"], r"--share-at 'two' is not a list of block boundaries"),
     (["--epochs", "0"], r"--epochs plus --task-epochs must be at least 1"),
     (["--layer", "conv"], r"unknown --layer 'conv'"),
+    (["--trunk-rule", "best"], r"unknown --trunk-rule 'best'"),
     (["--resume"], r"has nothing to resume"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tree_cache, tmp_path, argv, message):

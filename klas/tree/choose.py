@@ -41,14 +41,16 @@ class Scores:
 
 
 def block_scores(cache, *, probe_epochs: int, temperature: float, seed: int, device: torch.device,
-                 progress: Callable[[int, int], None] | None = None) -> Scores:
-    """Probes on probe-train, Θ on the score split, for every representation of every cached model."""
+                 progress: Callable[[int, int], None] | None = None, names: list[str] | None = None) -> Scores:
+    """Probes on probe-train, Θ on the score split, for every representation of every cached model
+    (of ``names`` where given)."""
     if len(cache.classes) < 2:
         raise KlasError(f"cache {cache.path} has no labels; klas tree's scores train label probes: cache labelled images")
     missing = [s for s in ("probe-train", "score", "eval") if s not in cache.splits]
     if missing:
         raise KlasError(f"cache {cache.path} lacks split {', '.join(missing)}; re-run klas cache with --split probe-train,score,eval")
-    index = probe_index(cache)
+    names = cache.model_names if names is None else list(names)
+    index = [(m, r) for m, r in probe_index(cache) if m in names]
     train = [cache.rep_features("probe-train", m, r) for m, r in index]
     bank = probes.train_probes(train, np.array(cache.labels("probe-train")), len(cache.classes), epochs=probe_epochs,
                                seed=seed, device=device, progress=progress)
@@ -56,7 +58,7 @@ def block_scores(cache, *, probe_epochs: int, temperature: float, seed: int, dev
     theta = score.kl_matrix(bank.iter_logits(held), temperature=temperature, device=device).numpy()
     acc = bank.accuracy(held, np.array(cache.labels("score")))
     where = {key: p for p, key in enumerate(index)}
-    per_model = {m: [float(acc[where[(m, r.index)]]) for r in cache.profiles[m].reps] for m in cache.model_names}
+    per_model = {m: [float(acc[where[(m, r.index)]]) for r in cache.profiles[m].reps] for m in names}
     return Scores(theta, where, per_model)
 
 

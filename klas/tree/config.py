@@ -18,11 +18,19 @@ from klas.stitch.layers import STITCH_KINDS
 from klas.stitch.tree import MATCHES
 
 
+#: How klas tree picks the trunk when ``--trunk`` is not given (:class:`TreeConfig`).
+TRUNK_RULES: tuple[str, ...] = ("score", "floor")
+
+
 @dataclass(frozen=True)
 class TreeConfig(Settings):
     """Options of one ``klas tree`` run; every value is checked in ``__post_init__``.
 
-    * ``trunk`` (None = the best-scored model, :mod:`klas.tree.choose`), ``share_at`` (None = auto:
+    * ``models`` (None = every model of the cache): the models the tree joins, two or more; one of
+      them is the trunk, each other one a branch.
+    * ``trunk`` (None = chosen by ``trunk_rule``: "score", the best-scored model, :mod:`klas.tree.choose`;
+      "floor", the best single model, whose classifier scores best on the score split, so the tree keeps
+      the floor's own features whole), ``share_at`` (None = auto:
       ``points`` share points, the best-scored one per cost range) or a tuple of share points.
     * ``match`` ("relative": each branch joins at the trunk's relative depth; "score": at the
       representation with the lowest stitch score Γ from the trunk's share point).
@@ -41,7 +49,9 @@ class TreeConfig(Settings):
 
     _what = "tree option"
 
+    models: tuple[str, ...] | None = recipe_field(None)
     trunk: str | None = recipe_field(None)
+    trunk_rule: str = recipe_field("score")
     share_at: tuple[int, ...] | None = recipe_field(None)
     points: int = recipe_field(3)
     match: str = recipe_field("relative")
@@ -84,8 +94,14 @@ class TreeConfig(Settings):
                                ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"), ("ridge", lambda v: v >= 0, ">= 0"),
                                ("temperature", lambda v: v > 0, "> 0")):
             self._number(name, rule, ok)
+        if self.models is not None:
+            names = tuple(self.models)
+            if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                raise KlasError(f"--models must name two or more different cached models, got {','.join(map(str, names))!r}")
+            object.__setattr__(self, "models", names)
         self._choice("layer", STITCH_KINDS)
         self._choice("match", MATCHES)
+        self._choice("trunk_rule", TRUNK_RULES)
         if self.share_at is not None:
             shares = tuple(self.share_at)
             if not shares or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shares):
@@ -110,6 +126,13 @@ class TreeConfig(Settings):
         return {"ffm": 1.0} if epoch <= self.epochs else {"ce": 1.0}
 
 
+def parse_models(text: str | None) -> tuple[str, ...] | None:
+    """``--models``: ``a,b,c`` -> ``("a", "b", "c")``; nothing or ``all`` -> None (every cached model)."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 def parse_share_at(text: str | None) -> tuple[int, ...] | None:
     """``--share-at``: ``auto`` (or nothing) -> None; ``"2,4"`` -> ``(2, 4)``; else a one-line error."""
     if text is None or text.strip().lower() in ("", "auto"):
@@ -120,4 +143,4 @@ def parse_share_at(text: str | None) -> tuple[int, ...] | None:
         raise KlasError(f"--share-at {text!r} is not a list of block boundaries; write e.g. --share-at 2,4 or auto") from None
 
 
-__all__ = ["TreeConfig", "parse_share_at"]
+__all__ = ["TRUNK_RULES", "TreeConfig", "parse_models", "parse_share_at"]

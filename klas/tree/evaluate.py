@@ -1,14 +1,15 @@
-"""Evaluating a tree as a system, on the eval split (settings were chosen on the others).
+"""Evaluating a tree as a system, on the score split (for choosing settings) and the eval split (reported).
 
 * **Fidelity** per branch: the mean cosine similarity between the branch's pre-logits features and
   its model's own on the same image, and the branch's top-1 (through its model's head) beside the
   model's own top-1.
 * **Task accuracy** of the system: a linear classifier on the concatenated branch features, trained
   on probe-train with klas's probe trainer (:func:`klas.probes.train_probes`, all classifiers in one
-  batched run, each exactly as if trained alone), against the same classifier on the concatenated
+  batched run, each exactly as if trained alone), measured on the score split (where settings are
+  chosen) and on the eval split (what is reported), against the same classifier on the concatenated
   features of all models run separately (the ceiling) and on the best single model's own features
-  (the floor; "best" = highest top-1 of its own head on the score split). Recovered gain =
-  (tree - floor) / (ceiling - floor).
+  (the floor; "best" = the single model whose classifier scores best on the score split;
+  :mod:`klas.tree.gain`). Recovered gain = (tree - floor) / (ceiling - floor), per split.
 * **Latency**: median ms of one forward pass over a batch (:func:`klas.train.evaluate.measure_latency`).
 """
 from __future__ import annotations
@@ -24,6 +25,12 @@ from klas.train.data import SplitData
 from klas.train.evaluate import measure_latency
 
 Outputs = dict[str, dict[str, np.ndarray]]  # model -> {"logits": (N, C), "features": (N, D)} float32
+
+
+#: The splits a tree's system is measured on: classifiers train on the first, settings are chosen on the
+#: second, the third is reported.
+SPLITS = ("probe-train", "score", "eval")
+HELD_OUT = ("score", "eval")
 
 
 @torch.no_grad()
@@ -58,15 +65,21 @@ def concat(outputs: Outputs, names: Sequence[str]) -> np.ndarray:
     return np.concatenate([outputs[n]["features"] for n in names], axis=1)
 
 
-def classifier_accuracy(train_feats: Mapping[str, np.ndarray], eval_feats: Mapping[str, np.ndarray],
-                        train_labels: np.ndarray, eval_labels: np.ndarray, num_classes: int, *, epochs: int,
-                        seed: int, device: torch.device) -> dict[str, float]:
-    """Eval top-1 of a linear classifier per named feature set, all trained together on probe-train."""
+def classifier_accuracy(train_feats: Mapping[str, np.ndarray], held_feats: Mapping[str, Mapping[str, np.ndarray]],
+                        train_labels: np.ndarray, held_labels: Mapping[str, np.ndarray], num_classes: int, *, epochs: int,
+                        seed: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Top-1 of a linear classifier per named feature set, all trained together on probe-train
+    (``train_feats[key]``), on every held-out split: ``{split: {key: top-1}}`` for ``held_feats[split][key]``.
+    The probe trainer starts every classifier at zero and sums their losses, so each one is exactly
+    what it would be trained alone: adding feature sets to the batch changes none of the others."""
     keys = list(train_feats)
     bank = probes.train_probes([train_feats[k] for k in keys], np.asarray(train_labels), num_classes, epochs=epochs,
                                seed=seed, device=device)
-    acc = bank.accuracy([eval_feats[k] for k in keys], np.asarray(eval_labels))
-    return {k: float(acc[i]) for i, k in enumerate(keys)}
+    out = {}
+    for split, feats in held_feats.items():
+        acc = bank.accuracy([feats[k] for k in keys], np.asarray(held_labels[split]))
+        out[split] = {k: float(acc[i]) for i, k in enumerate(keys)}
+    return out
 
 
 def recovered_gain(tree: float, floor: float, ceiling: float) -> float:
@@ -90,4 +103,4 @@ def latency_ms(system: nn.Module, x: torch.Tensor, *, device: torch.device, repe
     return measure_latency(_Features(system), x, device=device, repeats=repeats)
 
 
-__all__ = ["Outputs", "classifier_accuracy", "concat", "fidelity", "latency_ms", "recovered_gain", "split_outputs"]
+__all__ = ["HELD_OUT", "SPLITS", "Outputs", "classifier_accuracy", "concat", "fidelity", "latency_ms", "recovered_gain", "split_outputs"]

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from klas.cache import open_cache
@@ -31,13 +29,14 @@ from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
 from klas.term import make_console
 from klas.train.checkpoint import load_checkpoint, weights_sha256
-from klas.train.data import SplitData
-from klas.tree.choose import Scores, auto_shares, block_scores, candidate_trees, chosen_specs, rank_trunks
+from klas.tree.choose import Scores, auto_shares, candidate_trees, chosen_specs, rank_trunks
 from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
-    classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
+    HELD_OUT, SPLITS, classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
 from klas.tree.fit import CHECKPOINTS, check_tree_cache, load_tree_checkpoint, train_tree, tree_checkpoint
+from klas.tree.gain import floor_model, reference, reference_sets, single_key, tree_models
+from klas.tree.prepare import Prepared, prepare
 from klas.units import FLOPS_CONVENTION
 from klas.utils import package_versions, resolve_device, sha256_json
 
@@ -78,29 +77,29 @@ class TreeResult:
 
 
 def check_request(cache, cfg: TreeConfig) -> None:
-    """Refuse, before any work, a trunk the cache lacks or share points outside its range."""
-    names = cache.model_names
+    """Refuse, before any work, models or a trunk the cache lacks or share points outside the trunk's range."""
+    names = tree_models(cache, cfg)
     if len(names) < 2:
         raise KlasError(f"cache {cache.path} has {len(names)} model; a stitch tree needs two or more: re-run klas cache "
                         f"with more --model")
     if cfg.trunk is not None and cfg.trunk not in names:
-        raise KlasError(f"trunk {cfg.trunk!r} is not in cache {cache.path} (it has {', '.join(names)}); pass one of them "
+        where = f"cache {cache.path}" if cfg.models is None else "--models"
+        raise KlasError(f"trunk {cfg.trunk!r} is not in {where} (it has {', '.join(names)}); pass one of them "
                         f"to --trunk, or leave --trunk out to let klas choose")
     if cfg.trunk is not None and cfg.share_at is not None:
         for s in cfg.share_at:
             check_share(cfg.trunk, cache.profiles[cfg.trunk], s)
 
 
-def plan_tree(cache, cfg: TreeConfig, device: torch.device, console: Console, progress: bool) -> Plan:
-    """Scores, the trunk (given or best-ranked) and its share points (given or auto), checked."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not progress, transient=True) as bar:
-        task = bar.add_task("scoring: probes for every block", total=None)
-        scores = block_scores(cache, probe_epochs=cfg.probe_epochs, temperature=cfg.temperature, seed=cfg.seed,
-                              device=device, progress=lambda s, t: bar.update(task, completed=s, total=t))
-    profiles = cache.profiles
+def plan_tree(cache, cfg: TreeConfig, scores: Scores, floor: str | None = None) -> Plan:
+    """The trunk (given, else the best-ranked by ``scores`` or, under ``trunk_rule="floor"``, the ``floor``
+    model) and its share points (given or auto), checked."""
+    names = tree_models(cache, cfg)
+    profiles = {n: cache.profiles[n] for n in names}
     trunks = rank_trunks(profiles, scores, cfg.match, cfg.layer)
-    trunk = cfg.trunk or trunks[0]["trunk"]
+    if cfg.trunk is None and cfg.trunk_rule == "floor" and floor is None:
+        raise KlasError("trunk_rule 'floor' needs the floor model; plan with choose_plan")
+    trunk = cfg.trunk or (floor if cfg.trunk_rule == "floor" else trunks[0]["trunk"])
     if cfg.share_at is not None:
         for s in cfg.share_at:
             check_share(trunk, profiles[trunk], s)
@@ -112,13 +111,21 @@ def plan_tree(cache, cfg: TreeConfig, device: torch.device, console: Console, pr
                 cfg.share_at is None)
 
 
-def plan_tables(plan: Plan, auto_trunk: bool) -> list[Table]:
+def choose_plan(cache, cfg: TreeConfig, prepared: Prepared, device: torch.device) -> Plan:
+    """:func:`plan_tree` with the floor model found first where ``trunk_rule="floor"`` picks the trunk."""
+    floor = None
+    if cfg.trunk is None and cfg.trunk_rule == "floor":
+        floor = floor_model(prepared.own, prepared.data, prepared.names, len(cache.classes), cfg, device)
+    return plan_tree(cache, cfg, prepared.scores, floor)
+
+
+def plan_tables(plan: Plan, auto_trunk: bool, rule: str = "score") -> list[Table]:
     """The trunk ranking and the chosen trunk's share points, as klas scored them."""
     t = Table(title="trunks: median over share points of Σ Γ (trunk -> each branch), lower is better")
     for col in ("trunk", "median Σ Γ", "best share point", "its Σ Γ", ""):
         t.add_column(col, justify="left" if col in ("trunk", "") else "right")
     for r in plan.trunks:
-        mark = ("chosen" if auto_trunk else "given") if r["trunk"] == plan.trunk else ""
+        mark = (f"chosen ({rule})" if auto_trunk else "given") if r["trunk"] == plan.trunk else ""
         t.add_row(r["trunk"], f"{r['median_score']:.3f}", str(r["best_share"]), f"{r['best_score']:.3f}", mark)
     s = Table(title=f"share points of trunk {plan.trunk}", caption=FLOPS_CONVENTION)
     for col in ("share", "branches (model@cut)", "GFLOPs", "Σ Γ", ""):
@@ -178,66 +185,60 @@ def read_manifest(run_dir: Path | str) -> dict:
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-def best_single(cache) -> str:
-    """The model whose own head scores best on the score split (the floor; chosen off the eval split)."""
-    labels = np.asarray(cache.labels("score"))
-    acc = {m: float(np.mean(np.asarray(cache.logits("score", m)).argmax(1) == labels)) for m in cache.model_names}
-    return max(cache.model_names, key=lambda m: (acc[m], m))
-
-
-def evaluate_trees(cache, trees: dict[int, StitchTree], own: dict, data: dict, cfg: TreeConfig,
+def evaluate_trees(cache, names: list[str], trees: dict[int, StitchTree], own: dict, data: dict, cfg: TreeConfig,
                    device: torch.device) -> dict[str, Any]:
-    """Fidelity, classifier accuracies (trees, ceiling, singles) and latencies; see :mod:`klas.tree.evaluate`."""
-    names = cache.model_names
-    tr, ev = "probe-train", "eval"
-    feats = {tr: {"all": concat(own[tr], names)}, ev: {"all": concat(own[ev], names)}}
-    for n in names:
-        for split in (tr, ev):
-            feats[split][f"single:{n}"] = own[split][n]["features"]
+    """Fidelity, classifier accuracies on score and eval (trees; floor and ceiling, :func:`klas.tree.gain.reference`)
+    and latencies; see :mod:`klas.tree.evaluate`."""
+    feats = reference_sets(own, [names])
     fid = {}
     for s, tree in trees.items():
-        out = {split: split_outputs(tree, data[split], batch_size=cfg.eval_batch_size, device=device) for split in (tr, ev)}
-        fid[s] = fidelity(out[ev], own[ev], data[ev].labels.numpy())
-        for split in (tr, ev):
+        out = {split: split_outputs(tree, data[split], batch_size=cfg.eval_batch_size, device=device) for split in SPLITS}
+        fid[s] = fidelity(out["eval"], own["eval"], data["eval"].labels.numpy())
+        for split in SPLITS:
             feats[split][f"tree:{s}"] = concat(out[split], tree.spec.names)
-    acc = classifier_accuracy(feats[tr], feats[ev], data[tr].labels.numpy(), data[ev].labels.numpy(), len(cache.classes),
-                              epochs=cfg.probe_epochs, seed=cfg.seed, device=device)
-    floor = best_single(cache)
+    acc = classifier_accuracy(feats["probe-train"], {s: feats[s] for s in HELD_OUT}, data["probe-train"].labels.numpy(),
+                              {s: data[s].labels.numpy() for s in HELD_OUT}, len(cache.classes), epochs=cfg.probe_epochs,
+                              seed=cfg.seed, device=device)
+    ref = reference(acc, names, cache.profiles)
     lat: dict[str, float] = {}
     if cfg.latency:
-        x = data[ev].first(cfg.latency_batch)
+        x = data["eval"].first(cfg.latency_batch)
         adapters = {n: t.adapter(n) for t in trees.values() for n in t.spec.names}
         lat["all"] = latency_ms(AllModels(adapters), x, device=device, repeats=cfg.latency_repeats)
+        floor = ref["floor"]["model"]
         lat["single"] = latency_ms(AllModels({floor: adapters[floor]}), x, device=device, repeats=cfg.latency_repeats)
         for s, tree in trees.items():
             lat[f"tree:{s}"] = latency_ms(tree, x, device=device, repeats=cfg.latency_repeats)
-    return {"accuracy": acc, "fidelity": fid, "floor": floor, "latency_ms": lat}
+    return {"accuracy": acc, "fidelity": fid, "reference": ref, "latency_ms": lat}
 
 
-def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple[list[dict], dict]:
-    """One row per share point and the reference systems (floor, ceiling), for ``tree.json``."""
-    profiles, acc, lat = cache.profiles, ev["accuracy"], ev["latency_ms"]
-    floor, ceiling = acc[f"single:{ev['floor']}"], acc["all"]
+def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple[list[dict], dict]:
+    """One row per share point and the reference systems (floor, ceiling), for ``tree.json``. ``acc`` and
+    ``recovered`` are on the eval split, ``acc_score`` and ``recovered_score`` on the score split."""
+    profiles, acc, lat, ref = {n: cache.profiles[n] for n in names}, ev["accuracy"], ev["latency_ms"], ev["reference"]
+    floor, ceiling = ref["floor"], ref["ceiling"]
     score = {c["share"]: c["score"] for c in plan.candidates}
     rows = []
     for spec in plan.specs:
         s, cost = spec.share, tree_cost(profiles, spec, cfg.layer)
+        a = {split: acc[split][f"tree:{s}"] for split in HELD_OUT}
         rows.append({
             "share": s, "spec": spec.to_json(), "macs": cost["macs"], "gflops": cost["macs"] / 1e9, "params": cost["params"],
             "cost_parts": cost, "extra_cost": cost["macs"] / cost["largest_macs"] - 1, "score": score.get(s),
-            "acc": acc[f"tree:{s}"], "recovered": recovered_gain(acc[f"tree:{s}"], floor, ceiling),
+            "acc": a["eval"], "recovered": recovered_gain(a["eval"], floor["eval"], ceiling["eval"]),
+            "acc_score": a["score"], "recovered_score": recovered_gain(a["score"], floor["score"], ceiling["score"]),
             "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "fit_r2": fits[s].fit_r2,
             "history": fits[s].history, "checkpoint_sha256": _weights_sha256(fits[s].net),
         })
-    largest = max(p.macs for p in profiles.values())
-    all_macs = sum(p.macs for p in profiles.values())
+    largest = ref["largest"]["macs"]
     reference = {
-        "floor": {"model": ev["floor"], "macs": profiles[ev["floor"]].macs, "acc": floor, "latency_ms": lat.get("single"),
-                  "extra_cost": profiles[ev["floor"]].macs / largest - 1},
-        "ceiling": {"models": cache.model_names, "macs": all_macs, "acc": ceiling, "latency_ms": lat.get("all"),
-                    "extra_cost": all_macs / largest - 1},
-        "largest": {"model": max(profiles, key=lambda n: profiles[n].macs), "macs": largest},
-        "singles": {n: {"macs": profiles[n].macs, "acc": acc[f"single:{n}"]} for n in cache.model_names},
+        "floor": {"model": floor["model"], "macs": floor["macs"], "acc": floor["eval"], "acc_score": floor["score"],
+                  "latency_ms": lat.get("single"), "extra_cost": floor["macs"] / largest - 1},
+        "ceiling": {"models": names, "macs": ceiling["macs"], "acc": ceiling["eval"], "acc_score": ceiling["score"],
+                    "latency_ms": lat.get("all"), "extra_cost": ceiling["extra_cost"]},
+        "largest": ref["largest"],
+        "singles": {n: {"macs": profiles[n].macs, "acc": acc["eval"][single_key(n)],
+                        "acc_score": acc["score"][single_key(n)]} for n in names},
     }
     return rows, reference
 
@@ -251,11 +252,14 @@ def _weights_sha256(net: StitchNet) -> str:
 
 
 def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: TreeConfig | None = None, *,
-             console: Console | None = None, progress: bool = True, **overrides: Any) -> TreeResult:
+             console: Console | None = None, progress: bool = True, prepared: Prepared | None = None,
+             **overrides: Any) -> TreeResult:
     """Choose, train and evaluate a Stitch Tree sweep over the models of a cache (module docstring).
 
     ``config`` holds the options (:class:`~klas.tree.config.TreeConfig`), keyword ``overrides`` replace
     single fields. Writes ``run_dir`` (default ``cache/runs/<cache>-tree``) and returns a :class:`TreeResult`.
+    ``prepared`` (:func:`klas.tree.prepare.prepare`, same models and scoring settings): the scores and the
+    models' own outputs of an earlier run over this cache, reused instead of computed again.
     """
     t0 = time.perf_counter()
     cfg = (config or TreeConfig()).with_overrides(**overrides) if overrides else (config or TreeConfig())
@@ -265,25 +269,24 @@ def tree_run(cache_path: Path | str, run_dir: Path | str | None = None, config: 
     run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-tree"
     check_dir(run_dir, cfg, cache.fingerprint)
     device = resolve_device(cfg.device)
+    if prepared is not None:
+        prepared.check(cache, cfg, device)
     claim_dir(run_dir, KIND, "--run")
     with DirLock(run_dir, "--run"):  # before the scoring: a second klas tree on this run learns of it at once
         check_dir(run_dir, cfg, cache.fingerprint)  # again: a writer that held the lock may have finished meanwhile
-        plan = plan_tree(cache, cfg, device, console, progress)
-        for t in plan_tables(plan, cfg.trunk is None):
+        prepared = prepared or prepare(cache, cfg, device, console=console, progress=progress)
+        plan = choose_plan(cache, cfg, prepared, device)
+        for t in plan_tables(plan, cfg.trunk is None, cfg.trunk_rule):
             console.print(t)
         prepare_dir(run_dir, cfg)
-        return _run_locked(cache, run_dir, plan, cfg, device, console, progress, t0)
+        return _run_locked(cache, run_dir, plan, cfg, prepared, device, console, progress, t0)
 
 
-def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch.device, console: Console,
-                progress: bool, t0: float) -> TreeResult:
+def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, prepared: Prepared, device: torch.device,
+                console: Console, progress: bool, t0: float) -> TreeResult:
     """Train every tree of the plan and, once all are trained, evaluate them and write ``tree.json``."""
-    data = {s: SplitData(cache, s, root=cfg.root) for s in ("probe-train", "eval")}
-    models = {m.name: m for m in cache.load_models(device=device, root=cfg.root)}
-    console.print(f"running the {len(models)} models on probe-train and eval ...")
-    everyone = AllModels({n: models[n].adapter for n in cache.model_names})
-    own = {s: split_outputs(everyone, d, batch_size=cfg.eval_batch_size, device=device) for s, d in data.items()}
-    targets = {n: {"features": torch.from_numpy(own["probe-train"][n]["features"])} for n in cache.model_names}
+    names, data, models, own = prepared.names, prepared.data, prepared.models, prepared.own
+    targets = {n: {"features": torch.from_numpy(own["probe-train"][n]["features"])} for n in names}
     budget = [cfg.stop_after if cfg.stop_after is not None else math.inf]
     fits = {}
     for spec in plan.specs:
@@ -294,16 +297,17 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch
             console.print(f"stopped at share point {spec.share}, epoch {fits[spec.share].epoch_done}/{cfg.total_epochs}; "
                           f"continue with --resume")
             return TreeResult(run_dir, {}, False, time.perf_counter() - t0, plan)
-    console.print(f"evaluating {len(fits)} trees on the eval split ...")
+    console.print(f"evaluating {len(fits)} trees on the score and eval splits ...")
     trees = {s: StitchTree.from_net(f.net, spec).eval() for (s, f), spec in zip(fits.items(), plan.specs)}
-    ev = evaluate_trees(cache, trees, own, data, cfg, device)
-    rows, reference = tree_rows(cache, plan, fits, ev, cfg)
+    ev = evaluate_trees(cache, names, trees, own, data, cfg, device)
+    rows, reference = tree_rows(cache, names, plan, fits, ev, cfg)
     manifest = {
         "format": FORMAT, "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
         "config": cfg.recipe(), "config_sha256": sha256_json(cfg.recipe()), "trunk": plan.trunk,
         "trunk_ranking": plan.trunks,
         "candidates": [{k: (v.to_json() if k == "spec" else v) for k, v in c.items()} for c in plan.candidates],
-        "trees": rows, "reference": reference, "train_images": data["probe-train"].n, "eval_images": data["eval"].n,
+        "models": names, "trees": rows, "reference": reference, "train_images": data["probe-train"].n,
+        "score_images": data["score"].n, "eval_images": data["eval"].n,
         "input_size": list(data["eval"].input_size), "data_config": cache.manifest["data"]["preprocess"],
         "latency": {"batch": min(cfg.latency_batch, data["eval"].n), "device": str(device), "repeats": cfg.latency_repeats,
                     "statistic": "median ms per forward pass of one batch"} if cfg.latency else None,
@@ -381,5 +385,5 @@ def tradeoff_table(manifest: dict, title: str) -> Table:
     return t
 
 
-__all__ = ["FORMAT", "KIND", "MANIFEST", "Plan", "TreeResult", "check_request", "plan_tree", "read_manifest",
+__all__ = ["FORMAT", "KIND", "MANIFEST", "Plan", "TreeResult", "check_request", "choose_plan", "plan_tree", "read_manifest",
            "trained_tree", "tree_run", "tradeoff_table"]

@@ -217,6 +217,19 @@ def ship_zoo(root: Path = DEFAULT_ROOT, names: Iterable[str] | None = None) -> d
     return out
 
 
+def train_named(specs: Iterable[str], root: Path = DEFAULT_ROOT, console: Console | None = None) -> list[str]:
+    """Train the zoo models that ``--model`` specs (``[ALIAS:]NAME[=path]``) name without a weights file and that are
+    missing or stale, before any timed work (a spec with a file, or not a zoo model, needs nothing); returns them."""
+    from klas.models.load import parse_spec
+
+    archs = [s.arch for s in map(parse_spec, specs) if s.path is None and is_zoo_model(s.arch)]
+    stale = stale_models(root, archs) if archs else []
+    if stale:
+        (console or Console(stderr=True)).print(f"installing zoo models {', '.join(stale)} first")
+        train_zoo(root, stale, console=console)
+    return stale
+
+
 def zoo_weights(arch: str, root: Path = DEFAULT_ROOT, console: Console | None = None) -> Path:
     """Path of ``arch``'s ``.safetensors`` weights, training that model first if it is missing or stale."""
     (arch,) = _check_names([arch])
@@ -233,5 +246,5 @@ register_weights_source(_weights_source)
 
 __all__ = [
     "BENCH_FAMILIES", "DEMO_ARCHS", "FAMILIES", "ZOO_ARCHS", "RECIPES", "SPLIT_SEED",
-    "is_zoo_model", "zoo_dir", "read_zoo", "ship_zoo", "stale_models", "train_zoo", "zoo_weights",
+    "is_zoo_model", "zoo_dir", "read_zoo", "ship_zoo", "stale_models", "train_named", "train_zoo", "zoo_weights",
 ]
