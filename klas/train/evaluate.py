@@ -7,17 +7,16 @@ prefix once per batch (:mod:`klas.train.forward`), and returns which images each
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from klas.models import median_ms
 from klas.optim import autocast
 from klas.stitch.network import StitchNet
 from klas.train.data import SplitData
-from klas.train.forward import anchor_outputs, group_outputs, needs_of, target_groups
+from klas.train.forward import anchor_outputs, group_outputs, needs_of, target_groups, target_of
 
 
 @torch.no_grad()
@@ -94,6 +93,36 @@ def evaluate_all(
     return {i: float(correct[k] / data.n) for k, i in enumerate(ids)}
 
 
+def required_macs(net: StitchNet, ids: Sequence[str]) -> int:
+    """MACs per image the networks ``ids`` must cost together, at least: every model they use, forward
+    once (their shared prefixes inside it), plus every stitch's own stitch module and suffix."""
+    used = set()
+    extra = 0
+    for i in ids:
+        if net.is_anchor(i):
+            used.add(i)
+        else:
+            s = net.specs[i]
+            used.add(s.src)
+            extra += net.macs(i) - net.profiles[s.src].prefix_macs(s.src_cut)
+    return sum(net.profiles[n].macs for n in used) + extra
+
+
+@torch.no_grad()
+def bare_macs_per_s(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, device: torch.device,
+                    amp_dtype: torch.dtype | None = None) -> float:
+    """The device's throughput on these models: MACs per second of one bare forward pass of the batch
+    ``x`` through every model the networks ``ids`` use (call it with the models warm: no warm-up pass)."""
+    names = sorted({n for n in needs_of([(net, ids)])} | {target_of(net, i) for i in ids})
+    x = x.to(device)
+    seconds = 0.0
+    with autocast(device, amp_dtype):
+        for n in names:
+            a = net.adapter(n)
+            seconds += median_ms(lambda: a.head(a.run_blocks(a.stem(x))), device=device, repeats=1, warmup=0) / 1000.0
+    return sum(net.profiles[n].macs for n in names) * x.shape[0] / max(seconds, 1e-12)
+
+
 @torch.no_grad()
 def measure_latency(
     model: torch.nn.Module,
@@ -104,20 +133,11 @@ def measure_latency(
     repeats: int = 10,
     warmup: int = 2,
 ) -> float:
-    """Median wall-clock milliseconds of one forward pass over the batch ``x``."""
+    """Median wall-clock milliseconds of one forward pass over the batch ``x`` (:func:`klas.models.median_ms`)."""
     model.eval()
     x = x.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     with autocast(device, amp_dtype):
-        for k in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            if k >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+        return median_ms(lambda: model(x), device=device, repeats=repeats, warmup=warmup)
 
 
-__all__ = ["autocast", "correct_per_image", "evaluate_all", "measure_latency"]
+__all__ = ["autocast", "bare_macs_per_s", "correct_per_image", "evaluate_all", "measure_latency", "required_macs"]

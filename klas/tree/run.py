@@ -27,6 +27,8 @@ from klas.cache import open_cache
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT, DirLock, claim_dir, clear_dir, read_json, write_json_atomic
 from klas.run import open_run_cache
+from klas.models import device_identity
+from klas.stitch.latency import find_profile
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
 from klas.train.checkpoint import load_checkpoint
@@ -211,9 +213,26 @@ def evaluate_trees(cache, trees: dict[int, StitchTree], own: dict, data: dict, c
     return {"accuracy": acc, "fidelity": fid, "floor": floor, "latency_ms": lat}
 
 
+def predicted_ms(cache, plan: Plan, floor: str, cfg: TreeConfig, device: torch.device) -> dict[str, float]:
+    """Latency predicted from the cache's profile for this device at ``latency_batch`` (:mod:`klas.stitch.latency`):
+    ``tree:{s}`` per tree, ``single`` (the floor) and ``all`` (every model on its own); {} without a profile."""
+    if not cfg.latency:
+        return {}
+    try:
+        profile = find_profile(cache.path, cache.fingerprint, device_identity(device, cache.manifest.get("amp")),
+                               cfg.latency_batch)
+    except KlasError:
+        return {}
+    profiles = cache.profiles
+    pred = {f"tree:{t.share}": profile.tree_ms(profiles, t.trunk, t.share, t.branches, cfg.layer) for t in plan.specs}
+    pred["single"] = profile.route_ms(profiles, floor)
+    pred["all"] = math.fsum(profile.route_ms(profiles, n) for n in cache.model_names)
+    return pred
+
+
 def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple[list[dict], dict]:
     """One row per share point and the reference systems (floor, ceiling), for ``tree.json``."""
-    profiles, acc, lat = cache.profiles, ev["accuracy"], ev["latency_ms"]
+    profiles, acc, lat, pred = cache.profiles, ev["accuracy"], ev["latency_ms"], ev.get("latency_pred_ms", {})
     floor, ceiling = acc[f"single:{ev['floor']}"], acc["all"]
     score = {c["share"]: c["score"] for c in plan.candidates}
     rows = []
@@ -223,15 +242,18 @@ def tree_rows(cache, plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple
             "share": s, "spec": spec.to_json(), "macs": cost["macs"], "gflops": cost["macs"] / 1e9, "params": cost["params"],
             "cost_parts": cost, "extra_cost": cost["macs"] / cost["largest_macs"] - 1, "score": score.get(s),
             "acc": acc[f"tree:{s}"], "recovered": recovered_gain(acc[f"tree:{s}"], floor, ceiling),
-            "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "fit_r2": fits[s].fit_r2,
+            "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "latency_pred_ms": pred.get(f"tree:{s}"),
+            "fit_r2": fits[s].fit_r2,
             "history": fits[s].history,
         })
     largest = max(p.macs for p in profiles.values())
     all_macs = sum(p.macs for p in profiles.values())
     reference = {
         "floor": {"model": ev["floor"], "macs": profiles[ev["floor"]].macs, "acc": floor, "latency_ms": lat.get("single"),
+                  "latency_pred_ms": pred.get("single"),
                   "extra_cost": profiles[ev["floor"]].macs / largest - 1},
         "ceiling": {"models": cache.model_names, "macs": all_macs, "acc": ceiling, "latency_ms": lat.get("all"),
+                    "latency_pred_ms": pred.get("all"),
                     "extra_cost": all_macs / largest - 1},
         "largest": {"model": max(profiles, key=lambda n: profiles[n].macs), "macs": largest},
         "singles": {n: {"macs": profiles[n].macs, "acc": acc[f"single:{n}"]} for n in cache.model_names},
@@ -287,6 +309,7 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, device: torch
     console.print(f"evaluating {len(fits)} trees on the eval split ...")
     trees = {s: StitchTree.from_net(f.net, spec).eval() for (s, f), spec in zip(fits.items(), plan.specs)}
     ev = evaluate_trees(cache, trees, own, data, cfg, device)
+    ev["latency_pred_ms"] = predicted_ms(cache, plan, ev["floor"], cfg, device)
     rows, reference = tree_rows(cache, plan, fits, ev, cfg)
     manifest = {
         "format": FORMAT, "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
@@ -344,12 +367,15 @@ def tradeoff_table(manifest: dict, title: str) -> Table:
     t = Table(title=f"{title}, trunk {manifest['trunk']}",
               caption=f"{FLOPS_CONVENTION}. extra: cost over the largest single model ({ref['largest']['model']}). "
                       f"top-1: linear classifier on the concatenated features (eval split). fidelity per branch: "
-                      f"cosine to the model's own features; branch top-1 / model top-1 (%).")
-    for col in ("share", "branches", "GFLOPs", "extra", "top-1 %", "recovered", "fidelity", "ms"):
+                      f"cosine to the model's own features; branch top-1 / model top-1 (%). ms: measured per batch "
+                      f"(in brackets: predicted from the cache's latency profile).")
+    for col in ("share", "branches", "GFLOPs", "extra", "top-1 %", "recovered", "fidelity", "ms (pred)"):
         t.add_column(col, justify="left" if col in ("share", "branches", "fidelity") else "right", overflow="fold")
 
-    def ms(v):
-        return "" if v is None else f"{v:.1f}"
+    def ms(r):
+        """Measured ms, the profile's prediction in brackets."""
+        got, pred = r.get("latency_ms"), r.get("latency_pred_ms")
+        return " ".join(x for x in ("" if got is None else f"{got:.1f}", "" if pred is None else f"({pred:.1f})") if x)
 
     for r in sorted(manifest["trees"], key=lambda r: r["macs"]):
         spec = r["spec"]
@@ -357,12 +383,12 @@ def tradeoff_table(manifest: dict, title: str) -> Table:
                         for n, f in r["fidelity"].items() if n != spec["trunk"])
         rec = "" if r["recovered"] is None or not math.isfinite(r["recovered"]) else f"{100 * r['recovered']:.1f}%"
         t.add_row(str(r["share"]), ", ".join(f"{b['model']}@{b['cut']}" for b in spec["branches"]), f"{r['gflops']:.4f}",
-                  f"{100 * r['extra_cost']:+.1f}%", f"{100 * r['acc']:.2f}", rec, fid, ms(r.get("latency_ms")))
+                  f"{100 * r['extra_cost']:+.1f}%", f"{100 * r['acc']:.2f}", rec, fid, ms(r))
     f, c = ref["floor"], ref["ceiling"]
     t.add_row("floor", f"{f['model']} alone", f"{f['macs'] / 1e9:.4f}", f"{100 * f['extra_cost']:+.1f}%",
-              f"{100 * f['acc']:.2f}", "0%", "", ms(f.get("latency_ms")))
+              f"{100 * f['acc']:.2f}", "0%", "", ms(f))
     t.add_row("ceiling", f"all {len(c['models'])} models", f"{c['macs'] / 1e9:.4f}", f"{100 * c['extra_cost']:+.1f}%",
-              f"{100 * c['acc']:.2f}", "100%", "", ms(c.get("latency_ms")))
+              f"{100 * c['acc']:.2f}", "100%", "", ms(c))
     return t
 
 
