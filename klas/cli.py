@@ -249,7 +249,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier training of this run."),
     amp: str = typer.Option("auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16, off."),
-    latency: str = typer.Option("front", "--latency", help="Which networks to time on this device: front (those on the GFLOPs front or the predicted-latency front), all, off. Predicted ms (the cache's latency profile) are recorded for all."),
+    latency: str = typer.Option("front", "--latency", help="Which networks to time on this device: front (the anchors and the networks on the GFLOPs front or the predicted-latency front), all, off. Predicted ms (the cache's latency profile) are recorded for all."),
     latency_batch: int = typer.Option(DEFAULT_LATENCY_BATCH, "--latency-batch", help="Images per timed forward pass."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     seed: int = typer.Option(0),

@@ -1,8 +1,8 @@
 """The latency ``klas train`` reports: measured for the networks that matter, predicted for all, compared.
 
-* Which networks are timed (``--latency``): ``front`` (default) those on the GFLOPs front or on the
-  predicted-latency front of the trained accuracies (any network under a budget on either axis is
-  beaten by one of them), ``all``, or ``off``.
+* Which networks are timed (``--latency``): ``front`` (default) the anchors and those on the GFLOPs
+  front or on the predicted-latency front of the trained accuracies (the best network under a budget
+  on either axis is one of them, as far as the prediction ranks latency right), ``all``, or ``off``.
 * How: every model the timed networks use runs one warm-up forward pass on the batch; then each
   network is timed ``repeats`` times and the median kept (:func:`klas.models.median_ms`), on the
   device and under the cache's ``--amp`` (the dtype its latency profile was measured in).
@@ -68,15 +68,17 @@ def predictions(net: StitchNet, ids: Sequence[str], cache, device: torch.device,
 
 
 def to_time(mode: str, ids: Sequence[str], macs: Mapping[str, float], acc: Mapping[str, float],
-            predicted: Mapping[str, float]) -> list[str]:
+            predicted: Mapping[str, float], anchors: Sequence[str] | None = None) -> list[str]:
     """The networks ``--latency mode`` times, in ``ids`` order: all of them, or those on the GFLOPs front
-    or the predicted-latency front of ``acc`` (the GFLOPs front alone without predictions); none when off."""
+    or the predicted-latency front of ``acc`` (the GFLOPs front alone without predictions) and the
+    anchors (the references every budget is read against); none when off."""
     if mode == "off":
         return []
     if mode == "all":
         return list(ids)
     points = [{"id": i, "macs": macs[i], "acc": acc[i], "ms": predicted.get(i, math.nan)} for i in ids]
-    keep = {p["id"] for p in pareto_front(points, cost="macs", acc="acc")}
+    keep = {i for i in ids if anchors is not None and i in anchors}
+    keep |= {p["id"] for p in pareto_front(points, cost="macs", acc="acc")}
     keep |= {p["id"] for p in pareto_front(points, cost="ms", acc="acc")}
     return [i for i in ids if i in keep]
 

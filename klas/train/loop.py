@@ -482,7 +482,7 @@ def measure_latencies(ctx: RunContext, net: StitchNet, after: dict[str, float]) 
         return LatencyReport()
     batch = min(cfg.latency_batch, ctx.eval_data.n)
     predicted, profile, _ = predictions(net, ids, ctx.cache, ctx.device, batch)
-    chosen = to_time(cfg.latency, ids, {i: net.macs(i) for i in ids}, after, predicted)
+    chosen = to_time(cfg.latency, ids, {i: net.macs(i) for i in ids}, after, predicted, net.anchor_names)
     x = ctx.eval_data.first(batch)
     with Progress(*_COLUMNS[:3], console=ctx.console, disable=not ctx.progress, transient=True) as bar:
         task = bar.add_task(f"timing {len(chosen)} networks", total=len(chosen), loss="", rate="", stitch="")
