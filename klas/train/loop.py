@@ -51,7 +51,7 @@ from klas.train.core import (
 )
 from klas.train.data import SplitData, epoch_positions
 from klas.models import device_identity
-from klas.train.evaluate import bare_macs_per_s, evaluate_all, required_macs
+from klas.train.evaluate import bare_throughput, evaluate_all, required_macs
 from klas.train.latency import LatencyReport, predictions, time_networks, to_time
 from klas.train.results import RESULTS, write_results
 from klas.utils import (
@@ -93,7 +93,8 @@ class TrainResult:
         notes = []
         if self.evaluation:
             notes.append("evaluator at " + ", ".join(f"{100 * p['ratio']:.0f}% ({k})" for k, p in self.evaluation["passes"].items())
-                         + " of a bare forward's throughput")
+                         + " of a bare forward's throughput (CPU time: "
+                         + ", ".join(f"{100 * p['cpu_ratio']:.0f}%" for p in self.evaluation["passes"].values()) + ")")
         err = (self.latency or {}).get("predictor_error")
         if err:
             notes.append(f"latency predictor error: median {100 * err['median']:.1f}%, worst {100 * err['worst']:.1f}% "
@@ -157,7 +158,7 @@ class RunContext:
     console: Console
     progress: bool
     timer: _Timer = field(default_factory=_Timer)
-    eval_seconds: dict[str, float] = field(default_factory=dict)  # seconds of each evaluation pass
+    eval_seconds: dict[str, tuple[float, float]] = field(default_factory=dict)  # (wall, CPU) seconds per pass
 
     @property
     def ckpt_path(self) -> Path:
@@ -354,31 +355,35 @@ def evaluate_run(ctx: RunContext, net: StitchNet, what: str) -> dict[str, float]
     """Accuracy of every reported network on the eval split, with a progress bar on rank 0; the seconds
     it took go to ``ctx.eval_seconds[what]``."""
     ids = eval_ids(ctx)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=ctx.console, disable=not ctx.progress or ctx.rank != 0, transient=True) as bar:
         task = bar.add_task(f"evaluating ({what}): {len(ids)} networks", total=ctx.eval_data.n // ctx.world)
         acc = evaluate_all(net, ctx.eval_data, ids, batch_size=ctx.cfg.eval_batch_size, device=ctx.device,
                            amp_dtype=ctx.amp_dtype, rank=ctx.rank, world=ctx.world,
                            on_batch=lambda n: bar.advance(task, n))
-    ctx.eval_seconds[what] = time.perf_counter() - t0
+    ctx.eval_seconds[what] = (time.perf_counter() - t0, time.process_time() - c0)
     return acc
 
 
 def evaluator_throughput(ctx: RunContext, net: StitchNet) -> dict[str, Any]:
     """How close the evaluator came to the device's throughput (``train.json``'s ``evaluation``): the
     MACs it had to compute (:func:`klas.train.evaluate.required_macs`) per second of each pass, against a
-    bare batched forward of the same models on one eval batch, timed now (rank 0's share)."""
+    bare batched forward of the same models on one eval batch, timed now (rank 0's share); per
+    wall-clock second (``ratio``) and per CPU second of this process (``cpu_ratio``: steadier on a
+    busy machine; on CUDA the wall-clock ratio is the one that counts)."""
     ids = eval_ids(ctx)
     per_image = required_macs(net, ids)
     x = ctx.eval_data.first(ctx.cfg.eval_batch_size)
-    bare = bare_macs_per_s(net, ids, x, device=ctx.device, amp_dtype=ctx.amp_dtype)
-    images = ctx.eval_data.n // ctx.world
-    passes = {what: {"seconds": round(sec, 3), "macs_per_s": per_image * images / sec,
-                     "ratio": per_image * images / sec / bare} for what, sec in ctx.eval_seconds.items()}
-    return {"required_gmacs_per_image": per_image / 1e9, "images": images, "batch_size": ctx.cfg.eval_batch_size,
-            "bare_macs_per_s": bare, "bare_batch": int(x.shape[0]), "passes": passes,
-            "note": "ratio = (required MACs / pass seconds) / bare forward MACs per second; fvcore MACs"}
+    bare = bare_throughput(net, ids, x, device=ctx.device, amp_dtype=ctx.amp_dtype)
+    work = per_image * (ctx.eval_data.n // ctx.world)
+    passes = {what: {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "macs_per_s": work / wall,
+                     "ratio": work / wall / bare["macs_per_s"], "cpu_ratio": work / cpu / bare["macs_per_cpu_s"]}
+              for what, (wall, cpu) in ctx.eval_seconds.items()}
+    return {"required_gmacs_per_image": per_image / 1e9, "images": ctx.eval_data.n // ctx.world,
+            "batch_size": ctx.cfg.eval_batch_size, "bare_batch": int(x.shape[0]), **{f"bare_{k}": v for k, v in bare.items()},
+            "passes": passes,
+            "note": "ratio = (required MACs / pass seconds) / (bare forward MACs / second); fvcore MACs"}
 
 
 def save_state(ctx: RunContext, tr: Trainer, state: RunState) -> None:
