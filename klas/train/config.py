@@ -25,8 +25,7 @@ from klas.train.losses import loss_string, parse_loss
 SAMPLINGS = ("uniform", "bucket")
 #: ``--latency``: which networks klas train times.
 LATENCY_MODES = ("front", "all", "off")
-#: Images per evaluation batch (see klas.train.evaluate: large enough for the device, small enough that
-#: one batch's activations of the largest model stay in the allocator's reuse range).
+#: Images per evaluation batch (klas.train.evaluate streams each anchor through it once).
 EVAL_BATCH_SIZE = 256
 INITS = ("ls", "random")
 TEACHERS = ("target", "largest")

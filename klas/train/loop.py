@@ -64,6 +64,9 @@ MANIFEST_FORMAT = "klas.train/1"
 TRAIN_SPLIT = "probe-train"
 EVAL_SPLIT = "eval"
 AMPS = AMP_CHOICES
+#: At most this many images in the bare forward the evaluator's throughput is compared with (one batch;
+#: the check costs a few per cent of an evaluation pass).
+BARE_BATCH = 64
 #: Run facts recorded beside the recipe in ``train.json``'s config; a change only earns a note on resume.
 ENVIRONMENT_KEYS = ("world_size", "device", "amp")
 
@@ -369,12 +372,12 @@ def evaluate_run(ctx: RunContext, net: StitchNet, what: str) -> dict[str, float]
 def evaluator_throughput(ctx: RunContext, net: StitchNet) -> dict[str, Any]:
     """How close the evaluator came to the device's throughput (``train.json``'s ``evaluation``): the
     MACs it had to compute (:func:`klas.train.evaluate.required_macs`) per second of each pass, against a
-    bare batched forward of the same models on one eval batch, timed now (rank 0's share); per
+    bare batched forward of the same models on one eval batch (at most BARE_BATCH images), timed now; per
     wall-clock second (``ratio``) and per CPU second of this process (``cpu_ratio``: steadier on a
     busy machine; on CUDA the wall-clock ratio is the one that counts)."""
     ids = eval_ids(ctx)
     per_image = required_macs(net, ids)
-    x = ctx.eval_data.first(ctx.cfg.eval_batch_size)
+    x = ctx.eval_data.first(min(ctx.cfg.eval_batch_size, BARE_BATCH))
     bare = bare_throughput(net, ids, x, device=ctx.device, amp_dtype=ctx.amp_dtype)
     work = per_image * (ctx.eval_data.n // ctx.world)
     passes = {what: {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "macs_per_s": work / wall,
