@@ -18,10 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from klas.config import DEFAULT_LATENCY_BATCH, CacheConfig, SearchConfig, format_budget, parse_batches, parse_budget
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT, DiskFull, format_bytes, is_disk_full
 from klas.term import make_console
-from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE
+from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE, macs_to_gflops
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -76,42 +77,56 @@ def zoo(
     out.print(table)
 
 
+_CACHE = CacheConfig()  # every default of klas cache
+_SEARCH = SearchConfig()  # every default of klas search
+
+
+def _batches_text(batches) -> str:
+    return ",".join(map(str, batches)) or "off"
+
+
 @app.command()
 def cache(
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="timm name (pretrained), NAME=weights.safetensors|.pth, or a demo model (klas_vit_ti, ...); ALIAS:NAME[=weights] names it ALIAS (one architecture twice). Repeat for k models."),
     data: Optional[str] = typer.Option(None, "--data", help="An ImageFolder directory (one sub-folder per class) or 'digits'."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: cache/<models joined by +>); new, empty or a klas cache."),
-    split: str = typer.Option("probe-train,score,eval", help="Comma-separated splits to cache."),
-    limit: Optional[int] = typer.Option(None, help="Keep at most N images per split."),
-    random_init: bool = typer.Option(False, "--random-init", help="Untrained, seeded weights (no download)."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    workers: str = typer.Option("auto", "--workers", help="DataLoader worker processes: auto (min(8, CPUs) on CUDA, 0 on CPU) or a number."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: cache/<models joined by +>); new, empty or a klas cache. Alone (no --model, --data): add this device's latency profile to that cache."),
+    split: str = typer.Option(",".join(_CACHE.split_list), help="Comma-separated splits to cache."),
+    limit: Optional[int] = typer.Option(_CACHE.limit, help="Keep at most N images per split."),
+    random_init: bool = typer.Option(_CACHE.random_init, "--random-init", help="Untrained, seeded weights (no download)."),
+    batch_size: int = typer.Option(_CACHE.batch_size, "--batch-size"),
+    workers: str = typer.Option(str(_CACHE.workers), "--workers", help="DataLoader worker processes: auto (min(8, CPUs) on CUDA, 0 on CPU) or a number."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
-    amp: str = typer.Option("off", help="Mixed precision: off, auto (CUDA: bf16 where supported, else fp16; CPU: off), bf16, fp16 (on CPU too, through torch's CPU autocast)."),
+    amp: str = typer.Option(_CACHE.amp, help="Mixed precision: off, auto (CUDA: bf16 where supported, else fp16; CPU: off), bf16, fp16 (on CPU too, through torch's CPU autocast)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="One image size (square) for all models; ViTs, Eva and Swin are resized to it (position embeddings resampled)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a klas cache of another configuration (never a directory klas did not create)."),
-    verify: bool = typer.Option(False, "--verify", help="Check every file of a finished cache by sha256; alone with --out, only check."),
-    seed: int = typer.Option(0, help="Seed of the split assignment."),
-    root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
+    latency_batch: str = typer.Option(_batches_text(_CACHE.latency_batch), "--latency-batch", help="Batch sizes of this device's per-block latency profile (stem, blocks, head, every stitch module shape; median of repeats), for klas search --budget-ms and the latency front; off: none."),
+    overwrite: bool = typer.Option(_CACHE.overwrite, "--overwrite", help="Replace a klas cache of another configuration (never a directory klas did not create)."),
+    verify: bool = typer.Option(_CACHE.verify, "--verify", help="Check every file of a finished cache by sha256; alone with --out, only check."),
+    seed: int = typer.Option(_CACHE.seed, help="Seed of the split assignment."),
+    root: Path = typer.Option(_CACHE.root, help="Where klas keeps generated data and demo weights."),
 ) -> None:
-    """Run k models once over the calibration images; store per-block pooled features and logits."""
-    from klas.cache import build_cache, check_cache
+    """Run k models once over the calibration images; store per-block pooled features and logits, and this
+    device's per-block latency profile."""
+    from klas.cache import build_cache, check_cache, measure_cache_latency
 
+    batches = parse_batches(latency_batch)
     if verify and not model and data is None:
         if out_dir is None:
             raise KlasError("--verify alone checks an existing cache: pass --out CACHE_DIR")
         return _print_cache(check_cache(out_dir))
+    if not model and data is None and out_dir is not None:
+        return _print_cache(measure_cache_latency(out_dir, CacheConfig(latency_batch=batches, device=device, root=root),
+                                                  console=err))
     if data is None:
         raise KlasError("no data given; pass --data DIR (an ImageFolder directory) or --data digits")
     model = model or []
     target = out_dir or root / "+".join(m.split("=")[0].split(":")[0] for m in model)  # names: alias or arch
-    pre = {"input_size": [3, input_size, input_size]} if input_size is not None else None
-    summary = build_cache(
-        model, data, target, splits=[s.strip() for s in split.split(",") if s.strip()], limit=limit,
-        random_init=random_init, batch_size=batch_size, workers=workers, device=device, amp=amp,
-        overwrite=overwrite, verify=verify, seed=seed, root=root, preprocess=pre, console=err,
-        on_loaded=_print_compatibility,
+    config = CacheConfig(
+        splits=tuple(s.strip() for s in split.split(",") if s.strip()), limit=limit, random_init=random_init,
+        batch_size=batch_size, workers=workers, device=device, amp=amp,
+        preprocess={"input_size": [3, input_size, input_size]} if input_size is not None else None,
+        latency_batch=batches, overwrite=overwrite, verify=verify, seed=seed, root=root,
     )
+    summary = build_cache(model, data, target, config, console=err, on_loaded=_print_compatibility)
     if summary.status != "shard":
         _print_cache(summary)
 
@@ -134,39 +149,44 @@ def _print_cache(summary) -> None:
     out.print(table)
     if summary.images:
         out.print(f"{summary.images} images through {len(summary.rows)} models in {summary.seconds:.1f} s")
+    for p in summary.latency:
+        out.print(f"latency profile: batch {p['batch']} on {p['device']}, measured in {p['seconds']:.1f} s "
+                  f"({summary.path / 'latency.json'})")
 
 
 def _gflops(macs: float) -> str:
-    return f"{macs / 1e9:.4f}"
+    return f"{macs_to_gflops(macs):.4f}"
 
 
 @app.command("search")
 def search_cmd(
     cache_dir: Path = typer.Argument(..., help="A cache directory written by klas cache."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="Keep stitches costing at most this many GFLOPs (fvcore: 1 multiply-add = 1 FLOP)."),
-    strategy: str = typer.Option("klas", help="klas (KL probes, the default), snnet (SN-Net's fixed pairs), random, or cka."),
-    buckets: int = typer.Option(20, help="Equal-width FLOPs buckets between the cheapest candidate and the largest anchor."),
-    tau: float = typer.Option(0.05, help="Also keep stitches within (1+tau) of a bucket's best score; in [0, 1)."),
-    direction: str = typer.Option("up", help="up: cheaper model -> more expensive one; both: every ordered pair."),
-    probe_target: str = typer.Option("labels", "--probe-target", help="labels (cross-entropy) or model (the model's own softmax: label-free)."),
-    temperature: float = typer.Option(1.0, help="Softmax temperature T of the probe distributions."),
-    probe_epochs: int = typer.Option(10, "--probe-epochs"),
-    score: Optional[str] = typer.Option(None, help="What klas ranks by: gamma (Θ/Σ, the paper's) or theta (Θ alone); default: klas's default score (klas search says which it used)."),
+    budget: Optional[float] = typer.Option(_SEARCH.budget, "--budget", help="Keep stitches costing at most this many GFLOPs (fvcore: 1 multiply-add = 1 FLOP)."),
+    budget_ms: Optional[float] = typer.Option(_SEARCH.budget_ms, "--budget-ms", help="Keep stitches whose latency on this device, predicted from the cache's latency profile, is at most this many ms per batch of --latency-batch images; the buckets then split predicted latency."),
+    latency_batch: int = typer.Option(_SEARCH.latency_batch, "--latency-batch", help="The batch size --budget-ms is for (one the cache profiled)."),
+    strategy: str = typer.Option(_SEARCH.strategy, help="klas (KL probes, the default), snnet (SN-Net's fixed pairs), random, or cka."),
+    buckets: int = typer.Option(_SEARCH.buckets, help="Equal-width cost buckets between the cheapest candidate and the largest anchor (GFLOPs, or ms with --budget-ms)."),
+    tau: float = typer.Option(_SEARCH.tau, help="Also keep stitches within (1+tau) of a bucket's best score; in [0, 1)."),
+    direction: str = typer.Option(_SEARCH.direction, help="up: cheaper model -> more expensive one; both: every ordered pair."),
+    probe_target: str = typer.Option(_SEARCH.probe_target, "--probe-target", help="labels (cross-entropy) or model (the model's own softmax: label-free)."),
+    temperature: float = typer.Option(_SEARCH.temperature, help="Softmax temperature T of the probe distributions."),
+    probe_epochs: int = typer.Option(_SEARCH.probe_epochs, "--probe-epochs"),
+    score: str = typer.Option(_SEARCH.score, help="What klas ranks by: gamma (Θ/Σ, the paper's) or theta (Θ alone); klas search prints the score it used."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: cache/runs/<cache>-<strategy>)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(_SEARCH.seed),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with other inputs."),
+    overwrite: bool = typer.Option(_SEARCH.overwrite, "--overwrite", help="Replace a run made with other inputs."),
     as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON on stdout (tables go to stderr)."),
 ) -> None:
     """Train per-block probes, score every binary stitch by KL, and select the ones worth training."""
-    from klas.search import DEFAULT_SCORE, search
+    from klas.search import search
 
-    score = DEFAULT_SCORE if score is None else score
-    result = search(
-        cache_dir, run, budget=budget, strategy=strategy, buckets=buckets, tau=tau, direction=direction,
-        probe_target=probe_target, temperature=temperature, probe_epochs=probe_epochs, score=score, seed=seed,
-        device=device, overwrite=overwrite, console=err,
+    config = SearchConfig(
+        budget=budget, budget_ms=budget_ms, latency_batch=latency_batch, strategy=strategy, buckets=buckets, tau=tau,
+        direction=direction, probe_target=probe_target, temperature=temperature, probe_epochs=probe_epochs,
+        score=score, seed=seed, device=device, overwrite=overwrite,
     )
+    result = search(cache_dir, run, config, console=err)
     show = err if as_json else out
     if probe_target == "labels":
         show.print(_probe_table(result.probe_accuracy))
@@ -177,24 +197,33 @@ def search_cmd(
         for p in result.anchor_pairs:
             pairs.add_row(p["src"], p["dst"], f"{p['kl']:.4f}")
         show.print(pairs)
-    sel = result.selection
-    title = (f"{len(sel['stitches'])} of {sel['num_candidates']} stitches selected by {strategy}"
-             + (f" under {budget:g} GFLOPs" if budget is not None else ""))
+    show.print(_selection_table(result, config))
+    show.print(f"run directory: {result.run_dir}  (next: klas train {result.run_dir})  [{result.seconds:.1f} s]")
+    if as_json:
+        print(json.dumps(result.selection, indent=2))
+
+
+def _selection_table(result, config: SearchConfig) -> Table:
+    """The selected stitches and anchors, cheapest first (with the predicted ms under a latency budget)."""
+    sel, latency = result.selection, config.axis == "latency"
+    budget = sel.get("budget")
+    title = (f"{len(sel['stitches'])} of {sel['num_candidates']} stitches selected by {config.strategy}"
+             + (f" under {format_budget(budget['axis'], budget['value'])}" if budget else "")
+             + (f" (predicted, batch {budget['batch']})" if latency else ""))
     table = Table(title=title, caption=f"{FLOPS_CONVENTION}. Γ = Θ(a_i, b_j) / Θ(b_j, b_j+1), lower is better."
-                  + (" Selected by Θ alone (--score theta)." if score == "theta" else ""))
-    for col in ("route", "GFLOPs", "params", "Θ", "Γ", "bucket"):
+                  + (" Selected by Θ alone (--score theta)." if config.score == "theta" else "")
+                  + (" ms: predicted from the cache's latency profile on this device." if latency else ""))
+    for col in ("route", "GFLOPs", *(("ms",) if latency else ()), "params", "Θ", "Γ", "bucket"):
         table.add_column(col, justify="left" if col == "route" else "right")
     for r in result.selected:
         anchor = r["kind"] == "anchor"
         table.add_row(
             f"[bold]{r['route']}[/] (anchor)" if anchor else r["route"], _gflops(r["macs"]),
+            *((f"{r['latency_ms']:.2f}",) if latency else ()),
             f"{r['params'] / 1e6:.2f}M", "" if anchor else f"{r['theta']:.4f}", "" if anchor else f"{r['gamma']:.3f}",
             "" if anchor else str(r["bucket"]),
         )
-    show.print(table)
-    show.print(f"run directory: {result.run_dir}  (next: klas train {result.run_dir})  [{result.seconds:.1f} s]")
-    if as_json:
-        print(json.dumps(sel, indent=2))
+    return table
 
 
 def _probe_table(acc: dict[str, list[float]]) -> Table:
@@ -229,6 +258,8 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier training of this run."),
     amp: str = typer.Option("auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 (on CPU too, through torch's CPU autocast), off."),
+    latency: str = typer.Option("front", "--latency", help="Which networks to time on this device: front (the anchors and the networks on the GFLOPs front or the predicted-latency front), all, off. Predicted ms (the cache's latency profile) are recorded for all."),
+    latency_batch: int = typer.Option(DEFAULT_LATENCY_BATCH, "--latency-batch", help="Images per timed forward pass."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     seed: int = typer.Option(0),
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps generated data and demo weights."),
@@ -240,10 +271,12 @@ def train_cmd(
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, teacher=teacher, first_loss=first_loss, first_epochs=first_epochs, sampling=sampling, full_tune=full_tune,
         anchor_routes=anchor_routes, layer=layer, init=init, init_images=init_images, resume=resume,
-        overwrite=overwrite, amp=amp, device=device, seed=seed, root=root,
+        overwrite=overwrite, amp=amp, latency=latency, latency_batch=latency_batch, device=device, seed=seed, root=root,
     )
     result = train_run(run_dir, config, console=err)
     out.print(result.table())
+    if result.complete:
+        out.print(result.phase_table())
     out.print(f"results: {result.run_dir / 'results.parquet'}  (next: klas export pareto {result.run_dir})  "
               f"[{result.seconds:.0f} s]")
 
@@ -251,16 +284,24 @@ def train_cmd(
 @export_app.command("pareto")
 def export_pareto_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory trained by klas train."),
-    models: bool = typer.Option(False, "--models", help="Write every front model as a standalone artifact (safetensors + config.json)."),
+    models: bool = typer.Option(False, "--models", help="Write every front model (of --axis) as a standalone artifact (safetensors + config.json)."),
     onnx: bool = typer.Option(False, "--onnx", help="With --models, also write ONNX where torch can export it."),
+    axis: str = typer.Option("gflops", "--axis", help="The front to print and export with --models: gflops, or latency (measured by klas train). Both fronts' files and pictures are written."),
+    best_under: Optional[List[str]] = typer.Option(None, "--best-under", help="Print and export (export/best-under-BUDGET/) the most accurate network under a budget: GFLOPs (0.01), ms (12ms, measured latency), or an anchor's cost (klas_vit_s:ms, klas_vit_s:gflops). Repeatable."),
     root: Path = typer.Option(DEFAULT_ROOT, help="Where klas keeps demo weights."),
 ) -> None:
-    """The FLOPs-accuracy Pareto front as a table, front.csv/json, front.png/svg and deployable models."""
+    """The accuracy Pareto fronts over GFLOPs and measured latency: tables, front*.csv/json/png/svg, deployable models."""
     from klas.export import export_pareto
 
-    result = export_pareto(run_dir, models=models, onnx=onnx, root=root, console=err)
+    result = export_pareto(run_dir, models=models, onnx=onnx, axis=axis, best_under=best_under or (), root=root,
+                           console=err)
     out.print(result.table())
-    out.print(f"picture: {result.out_dir / 'front.png'}  table: {result.out_dir / 'front.csv'}")
+    name = "front-latency" if axis == "latency" else "front"
+    out.print(f"picture: {result.out_dir / (name + '.png')}  table: {result.out_dir / (name + '.csv')}"
+              + ("" if "latency" not in result.fronts or axis == "latency"
+                 else f"  latency front: {result.out_dir / 'front-latency.png'}"))
+    for line in result.best_lines():
+        out.print(line, soft_wrap=True, highlight=False)
 
 
 @app.command("tree")

@@ -15,10 +15,9 @@ from typing import Collection
 import torch
 from torch import nn
 
+from klas.config import AMP_CHOICES  # the one --amp vocabulary (torch-free), re-exported
 from klas.errors import KlasError
 
-#: Words every ``--amp`` option accepts.
-AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 
 
 def warmup_cosine(step: int, total: int, warmup_steps: int) -> float:

@@ -26,7 +26,7 @@ __all__ = [
     "SELECTION", "SELECTION_FORMAT", "CANDIDATES", "PROBES", "PROBE_ACCURACY", "RESULTS", "TRAIN_MANIFEST",
     "CHECKPOINTS", "EXPORT", "SEARCH_FILES", "LATER_STAGES", "RUN_FLAG", "selection_hash", "claim_run",
     "run_writer", "read_selection", "check_same_selection", "resolve_cache_path", "open_run_cache",
-    "stitch_specs", "discard", "write_search",
+    "stitch_specs", "discard", "write_search", "selection_budget",
 ]
 
 SELECTION = "selection.json"  # what klas train reads; written last by klas search
@@ -116,6 +116,20 @@ def read_selection(run_dir: Path | str) -> dict:
     if not entries_ok:
         raise KlasError(f"{path} has malformed cache, stitch or anchor entries; {redo}")
     return sel
+
+
+def selection_budget(selection: dict) -> dict | None:
+    """A selection's budget as ``{"axis": "gflops" | "latency", "value": ..., "unit": ...}`` (None without one).
+
+    Selections written before latency budgets kept a GFLOPs budget as a number (``budget`` and again
+    ``budget_gflops``); they read as a GFLOPs budget.
+    """
+    budget = selection.get("budget", selection.get("budget_gflops"))
+    if isinstance(budget, dict):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return {"axis": "gflops", "value": float(budget), "unit": "GFLOPs"}
+    return None
 
 
 def check_same_selection(recorded: str | None, selection: dict, what: Path, fix: str) -> None:

@@ -19,11 +19,10 @@ Only the probe-train and score splits are read here; the eval split is left for 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,26 +31,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from klas import probes, score
 from klas.cache import Cache, open_cache
+from klas.config import (  # the vocabularies and the default score, re-exported
+    DEFAULT_SCORE, PROBE_TARGETS, SCORE_TEXT, SCORES, STRATEGIES, SearchConfig,
+)
 from klas.errors import KlasError
 from klas.fs import DirLock, read_json
+from klas.models import device_identity
 from klas.probes import ProbeBank, SoftmaxTargets
 from klas.run import SELECTION, SELECTION_FORMAT, claim_run, write_search
-from klas.select import STRATEGIES, check_budget, check_selection_args, select
-from klas.stitch.candidates import DIRECTIONS, Candidate, anchors, enumerate_stitches
+from klas.select import CostAxis, check_budget, select
+from klas.stitch.candidates import Candidate, anchors, enumerate_stitches
+from klas.stitch.latency import LatencyProfile, find_profile
 from klas.stitch.report import compatibility_report, report_table
-from klas.stitch.layers import STITCH_KINDS
 from klas.term import make_console
+from klas.units import macs_to_gflops
 from klas.utils import DEFAULT_ROOT, package_versions, resolve_device, sha256_json
 
-PROBE_TARGETS = ("labels", "model")
-#: What ``strategy="klas"`` ranks by: the paper's Γ = Θ / Σ, or Θ alone (benchmarks/bench_quality.py,
-#: README "Does it work?": Θ alone ranked better on two of its three families; Γ stays the default).
-SCORES = ("gamma", "theta")
-#: What ``strategy="klas"`` ranks by when no score is given (the one place this default lives; ``klas
-#: search`` prints the score it ranks by). ``benchmarks/bench_quality.py`` chooses it on the score split.
-DEFAULT_SCORE = "gamma"
-#: How ``klas search`` names each score when it says what it ranks by.
-SCORE_TEXT = {"gamma": "Γ = Θ / Σ (the paper's)", "theta": "Θ alone"}
 SIGMA_FLOOR = 1e-8
 CHUNK = 2048
 
@@ -83,27 +78,6 @@ def _features(cache: Cache, split: str, index: list[tuple[str, int]]) -> list[np
     return [cache.rep_features(split, m, r) for m, r in index]
 
 
-def _budget_macs(budget: float | None) -> float | None:
-    """A ``--budget`` in GFLOPs as multiply-adds (the unit of every candidate's cost); None: no budget."""
-    return budget * 1e9 if budget is not None else None
-
-
-def _check_options(temperature: float, probe_epochs: int, direction: str, layer: str, score: str, strategy: str) -> None:
-    """One-line errors, each naming its own option, before anything is read or written."""
-    if score not in SCORES:
-        raise KlasError(f"unknown --score {score!r}; use one of {', '.join(SCORES)}")
-    if score != "gamma" and strategy != "klas":
-        raise KlasError(f"--score {score} ranks klas's selection; drop it or use --strategy klas (not {strategy})")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise KlasError(f"--temperature must be a positive number, got {temperature}")
-    if not (isinstance(probe_epochs, int) and probe_epochs >= 1):
-        raise KlasError(f"--probe-epochs must be a positive integer, got {probe_epochs!r}")
-    if direction not in DIRECTIONS:
-        raise KlasError(f"unknown --direction {direction!r}; use one of {', '.join(DIRECTIONS)}")
-    if layer not in STITCH_KINDS:
-        raise KlasError(f"unknown stitch layer {layer!r}; use one of {', '.join(STITCH_KINDS)}")
-
-
 def _check_cache(cache: Cache, probe_target: str) -> None:
     """Refuse, in one line naming the fix, a cache search cannot use (one model, missing split, labels)."""
     if len(cache.model_names) < 2:
@@ -114,8 +88,6 @@ def _check_cache(cache: Cache, probe_target: str) -> None:
     missing = [s for s in ("probe-train", "score") if s not in cache.splits]
     if missing:
         raise KlasError(f"cache {cache.path} lacks split {', '.join(missing)}; re-run klas cache with --split probe-train,score,eval")
-    if probe_target not in PROBE_TARGETS:
-        raise KlasError(f"unknown --probe-target {probe_target!r}; use labels or model")
     if probe_target == "labels" and len(cache.classes) < 2:
         raise KlasError(f"cache {cache.path} has no labels; use --probe-target model (label-free)")
     if probe_target == "model" and len({cache.model(m)["num_classes"] for m in cache.model_names}) > 1:
@@ -125,77 +97,88 @@ def _check_cache(cache: Cache, probe_target: str) -> None:
 def search(
     cache_path: Path | str,
     run_dir: Path | str | None = None,
+    config: SearchConfig | None = None,
     *,
-    budget: float | None = None,
-    strategy: str = "klas",
-    buckets: int = 20,
-    tau: float = 0.05,
-    direction: str = "up",
-    probe_target: str = "labels",
-    temperature: float = 1.0,
-    probe_epochs: int = 10,
-    layer: str = "linear",
-    score: str = DEFAULT_SCORE,
-    seed: int = 0,
-    device: str | None = None,
-    overwrite: bool = False,
     console: Console | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> SearchResult:
     """Score every binary stitch between the cached models and select the ones worth training.
 
-    ``budget`` is in GFLOPs (fvcore convention: one multiply-add = one FLOP); only stitches at or
-    under it are kept, by every strategy. ``score`` is what ``strategy="klas"`` ranks by: ``"gamma"``
-    (Γ = Θ / Σ, the paper's) or ``"theta"`` (Θ alone). Writes ``run_dir`` (default ``cache/runs/<cache>-<strategy>``,
-    see docs/formats.md) and returns the same content. ``run_dir`` is checked, claimed and locked
-    before any probe is trained (:mod:`klas.run`).
+    ``config`` holds the options (:class:`~klas.config.SearchConfig`, its defaults when None); keyword
+    ``overrides`` replace single fields (``search(cache, run, budget=3.0)``). A ``budget`` is in GFLOPs
+    (fvcore convention: one multiply-add = one FLOP), a ``budget_ms`` in milliseconds per batch of
+    ``latency_batch`` images on this device, predicted from the cache's latency profile
+    (:mod:`klas.stitch.latency`; a profile of another device or batch is refused); only stitches at
+    or under it are kept, by every strategy, and the buckets split that axis. Writes ``run_dir``
+    (default ``cache/runs/<cache>-<strategy>``, see docs/formats.md) and returns the same content.
+    ``run_dir`` is checked, claimed and locked before any probe is trained (:mod:`klas.run`).
     """
     start = time.perf_counter()
-    check_selection_args(strategy, buckets, tau, budget)
-    _check_options(temperature, probe_epochs, direction, layer, score, strategy)
-    dev = resolve_device(device)
+    cfg = (config or SearchConfig()).with_overrides(**overrides) if overrides else (config or SearchConfig())
+    dev = resolve_device(cfg.device)
     cache = open_cache(cache_path)
-    _check_cache(cache, probe_target)
-    check_budget(enumerate_stitches(cache.profiles, direction, layer), anchors(cache.profiles),
-                 _budget_macs(budget))
-    run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-{strategy}"
-    inputs = {
-        "cache": cache.fingerprint, "budget": budget, "strategy": strategy, "buckets": buckets, "tau": tau,
-        "direction": direction, "probe_target": probe_target, "temperature": temperature,
-        "probe_epochs": probe_epochs, "layer": layer, "seed": seed,
-        **({"score": score} if score != "gamma" else {}),  # runs made before --score keep their inputs hash
-    }
+    _check_cache(cache, cfg.probe_target)
+    stitches, anchor_list = enumerate_stitches(cache.profiles, cfg.direction, cfg.layer), anchors(cache.profiles)
+    cost, latency = cost_axis(cache, cfg, stitches, anchor_list, dev)
+    check_budget(stitches, anchor_list, cfg.budget_macs, cost)
+    run_dir = Path(run_dir) if run_dir else DEFAULT_ROOT / "runs" / f"{cache.path.name}-{cfg.strategy}"
+    inputs = cfg.inputs(cache.fingerprint, latency.device if latency else None)
     claim_run(run_dir)
     with DirLock(run_dir, "--run"):
-        _check_run_dir(run_dir, sha256_json(inputs), overwrite)
-        return _search_locked(cache, run_dir, inputs, dev, start, console or make_console(stderr=True), progress)
+        _check_run_dir(run_dir, sha256_json(inputs), cfg.overwrite)
+        job = _Job(cache, run_dir, cfg, inputs, dev, cost, latency)
+        return _search_locked(job, start, console or make_console(stderr=True), progress)
 
 
-def _search_locked(cache: Cache, run_dir: Path, inputs: dict, dev: torch.device, start: float, console: Console,
-                   progress: bool) -> SearchResult:
+def cost_axis(cache: Cache, cfg: SearchConfig, stitches: list[Candidate], anchor_list: list[Candidate],
+              dev: torch.device) -> tuple[CostAxis, LatencyProfile | None]:
+    """What the buckets split and the budget caps: MACs, or with ``budget_ms`` each candidate's latency
+    predicted from this device's profile at ``latency_batch`` (refused when the cache has none)."""
+    if cfg.axis == "gflops":
+        return CostAxis.of_macs(stitches, anchor_list, cfg.budget_macs), None
+    profile = find_profile(cache.path, cache.fingerprint, device_identity(dev, cache.manifest.get("amp")),
+                           cfg.latency_batch)
+    ms = [profile.route_ms(cache.profiles, c.src, c.src_cut, c.dst, c.dst_cut, cfg.layer) for c in stitches]
+    anchor_ms = [profile.route_ms(cache.profiles, a.src) for a in anchor_list]
+    return CostAxis(np.array(ms), np.array(anchor_ms), cfg.budget_ms, "latency", profile.describe()), profile
+
+
+@dataclass
+class _Job:
+    """One search after its checks: what it reads, where it writes, its settings and its cost axis."""
+
+    cache: Cache
+    run_dir: Path
+    cfg: SearchConfig
+    inputs: dict
+    dev: torch.device
+    cost: CostAxis
+    latency: LatencyProfile | None
+
+
+def _search_locked(job: _Job, start: float, console: Console, progress: bool) -> SearchResult:
     """The search proper, run while this process holds the run's lock: score, select, write the run."""
-    stitches = enumerate_stitches(cache.profiles, inputs["direction"], inputs["layer"])
-    console.print(report_table(compatibility_report(cache.profiles, inputs["direction"], inputs["layer"])))
+    cache, cfg = job.cache, job.cfg
+    stitches = enumerate_stitches(cache.profiles, cfg.direction, cfg.layer)
+    console.print(report_table(compatibility_report(cache.profiles, cfg.direction, cfg.layer)))
     anchor_list = anchors(cache.profiles)
     index = probe_index(cache)
     timings: dict[str, float] = {}
-    bank, score_feats, theta = _probe_and_score(cache, index, inputs, dev, console, progress, timings)
-    probe_accuracy = _probe_accuracy(cache, bank, score_feats, index, inputs["probe_target"])
+    bank, score_feats, theta = _probe_and_score(cache, index, cfg, job.dev, console, progress, timings)
+    probe_accuracy = _probe_accuracy(cache, bank, score_feats, index, cfg.probe_target)
     th, sigma, gamma = stitch_scores(theta, stitches, index)
-    cka_dist = cka_distance(cache, stitches, inputs["seed"]) if inputs["strategy"] == "cka" else None
-    budget_macs = _budget_macs(inputs["budget"])
-    score_name = inputs.get("score", "gamma")
-    ranked = th if score_name == "theta" else gamma
-    if inputs["strategy"] == "klas":
-        console.print(f"klas ranks the candidates by {SCORE_TEXT[score_name]} (--score {score_name})")
-    keep, bucket = select(inputs["strategy"], stitches, anchor_list, cache.profiles, gamma=ranked,
-                          cka_distance=cka_dist, budget_macs=budget_macs, buckets=inputs["buckets"],
-                          tau=inputs["tau"], seed=inputs["seed"])
-    rows = _rows(stitches, anchor_list, th, sigma, gamma, cka_dist, keep, bucket, inputs["strategy"], budget_macs)
-    pairs = _anchor_pairs(cache, inputs["temperature"], dev)
-    selection = _selection(cache, inputs, len(stitches), anchor_list, rows, pairs)
-    write_search(run_dir, rows, bank, probe_accuracy, selection)
-    return SearchResult(run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start, timings)
+    cka_dist = cka_distance(cache, stitches, cfg.seed) if cfg.strategy == "cka" else None
+    ranked = th if cfg.score == "theta" else gamma
+    if cfg.strategy == "klas":
+        console.print(f"klas ranks the candidates by {SCORE_TEXT[cfg.score]} (--score {cfg.score})")
+    keep, bucket = select(cfg.strategy, stitches, anchor_list, cache.profiles, gamma=ranked, cka_distance=cka_dist,
+                          budget_macs=cfg.budget_macs, buckets=cfg.buckets, tau=cfg.tau, seed=cfg.seed, cost=job.cost)
+    rows = _rows(stitches, anchor_list, (th, sigma, gamma, cka_dist), keep, bucket, cfg.strategy, job.cost)
+    pairs = _anchor_pairs(cache, cfg.temperature, job.dev)
+    selection = _selection(job, len(stitches), rows, pairs)
+    write_search(job.run_dir, rows, bank, probe_accuracy, selection)
+    return SearchResult(job.run_dir, selection, rows, probe_accuracy, pairs, time.perf_counter() - start, timings)
 
 
 def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str) -> tuple[np.ndarray | SoftmaxTargets, list[int] | None, int]:
@@ -211,20 +194,20 @@ def _probe_targets(cache: Cache, index: list[tuple[str, int]], probe_target: str
     return targets, [cache.model_names.index(m) for m, _ in index], targets.shape[2]
 
 
-def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, dev: torch.device, console: Console,
+def _probe_and_score(cache: Cache, index: list[tuple[str, int]], cfg: SearchConfig, dev: torch.device, console: Console,
                      progress: bool, timings: dict[str, float]) -> tuple[ProbeBank, list[np.ndarray], np.ndarray]:
     """Train every probe, then Θ (P, P) between their score-split distributions.
 
     Returns the bank, the score-split features and Θ; books the seconds of each in ``timings``.
     """
     t0 = time.perf_counter()
-    targets, target_index, classes = _probe_targets(cache, index, inputs["probe_target"])
+    targets, target_index, classes = _probe_targets(cache, index, cfg.probe_target)
     with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not progress) as bar:
         task = bar.add_task(f"training {len(index)} probes", total=None)
         bank = probes.train_probes(
-            _features(cache, "probe-train", index), targets, classes, epochs=inputs["probe_epochs"],
-            seed=inputs["seed"], device=dev, target_index=target_index,
+            _features(cache, "probe-train", index), targets, classes, epochs=cfg.probe_epochs,
+            seed=cfg.seed, device=dev, target_index=target_index,
             progress=lambda s, t: bar.update(task, completed=s, total=t),
         )
         timings["probe_training"] = time.perf_counter() - t0
@@ -236,7 +219,7 @@ def _probe_and_score(cache: Cache, index: list[tuple[str, int]], inputs: dict, d
                 yield c
                 bar.advance(task, c.shape[1])
 
-        theta = score.kl_matrix(counted(bank.iter_logits(score_feats)), temperature=inputs["temperature"],
+        theta = score.kl_matrix(counted(bank.iter_logits(score_feats)), temperature=cfg.temperature,
                                 device=dev).numpy()
     timings["scoring"] = time.perf_counter() - t0 - timings["probe_training"]
     return bank, score_feats, theta
@@ -277,21 +260,25 @@ def cka_distance(cache: Cache, stitches: Sequence[Candidate], seed: int) -> np.n
     return 1.0 - cka[t_idx, d_idx]
 
 
-def _selection(cache: Cache, inputs: dict, num_candidates: int, anchor_list: list[Candidate], rows: list[dict],
-               pairs: list[dict]) -> dict:
-    """The ``selection.json`` document (docs/formats.md): inputs, the anchors and stitches kept, anchor pairs."""
-    budget_macs = _budget_macs(inputs["budget"])
+def _selection(job: _Job, num_candidates: int, rows: list[dict], pairs: list[dict]) -> dict:
+    """The ``selection.json`` document (docs/formats.md): the settings, the budget (one key, on its axis),
+    the anchors and stitches kept, anchor pairs."""
+    cache, cfg = job.cache, job.cfg
+    settings = {k: v for k, v in job.inputs.items() if k not in ("cache", "budget", "budget_ms", "latency_batch",
+                                                                 "latency_device")}
     return {
         "format": SELECTION_FORMAT,
         "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
-        "inputs": sha256_json(inputs),
-        **{k: v for k, v in inputs.items() if k != "cache"},
-        "budget_gflops": inputs["budget"],
+        "inputs": sha256_json(job.inputs),
+        **settings,
+        "axis": cfg.axis,
+        "budget": _budget_entry(job),
         "num_candidates": num_candidates,
-        "anchors": [{"name": a.src, "macs": a.macs, "params": a.params} for a in anchor_list
-                    if budget_macs is None or a.macs <= budget_macs],
+        "anchors": [{"name": r["src"], "macs": r["macs"], "params": r["params"],
+                     **({"latency_ms": r["latency_ms"]} if job.latency else {})}
+                    for r in rows if r["kind"] == "anchor" and r["selected"]],
         "stitches": [
-            {k: r[k] for k in ("id", "src", "src_cut", "dst", "dst_cut", "route", "macs", "params", "theta", "gamma", "bucket")}
+            {k: r[k] for k in STITCH_KEYS + (("latency_ms",) if job.latency else ())}
             for r in rows if r["selected"] and r["kind"] == "stitch"
         ],
         "anchor_pairs": pairs,
@@ -299,25 +286,46 @@ def _selection(cache: Cache, inputs: dict, num_candidates: int, anchor_list: lis
     }
 
 
-def _rows(stitches: list[Candidate], anchor_list: list[Candidate], theta, sigma, gamma, cka_dist, keep, bucket,
-          strategy: str, budget_macs: float | None) -> list[dict]:
-    """Every stitch, then every anchor, as a ``candidates.parquet`` row (anchors over the budget unselected)."""
+#: Keys of every stitch entry of ``selection.json`` (``latency_ms`` too under a latency budget).
+STITCH_KEYS = ("id", "src", "src_cut", "dst", "dst_cut", "route", "macs", "params", "theta", "gamma", "bucket")
+
+
+def _budget_entry(job: _Job) -> dict | None:
+    """``selection.json``'s ``budget``: None, ``{"axis": "gflops", "value": G, "unit": "GFLOPs"}`` or
+    ``{"axis": "latency", "value": ms, "unit": "ms", "batch": N, "device": {...}}`` (predicted latency)."""
+    cfg = job.cfg
+    if cfg.budget is not None:
+        return {"axis": "gflops", "value": cfg.budget, "unit": "GFLOPs"}
+    if cfg.budget_ms is not None:
+        return {"axis": "latency", "value": cfg.budget_ms, "unit": "ms", "batch": cfg.latency_batch,
+                "device": job.latency.device, "statistic": job.latency.statistic}
+    return None
+
+
+def _rows(stitches: list[Candidate], anchor_list: list[Candidate], scores: tuple, keep, bucket, strategy: str,
+          cost: CostAxis) -> list[dict]:
+    """Every stitch, then every anchor, as a ``candidates.parquet`` row (anchors over the budget unselected);
+    ``latency_ms`` is the predicted latency under a latency budget, NaN otherwise."""
+    theta, sigma, gamma, cka_dist = scores
+    latency = cost.axis == "latency"
+    nan = float("nan")
     rows = []
     for k, c in enumerate(stitches):
         rows.append({
             "id": c.id, "kind": "stitch", "route": c.route, "src": c.src, "src_cut": c.src_cut, "dst": c.dst,
-            "dst_cut": c.dst_cut, "macs": c.macs, "gflops": c.macs / 1e9, "params": c.params,
+            "dst_cut": c.dst_cut, "macs": c.macs, "gflops": macs_to_gflops(c.macs), "params": c.params,
+            "latency_ms": float(cost.cands[k]) if latency else nan,
             "theta": float(theta[k]), "sigma": float(sigma[k]), "gamma": float(gamma[k]),
-            "cka_distance": float(cka_dist[k]) if cka_dist is not None else float("nan"),
+            "cka_distance": float(cka_dist[k]) if cka_dist is not None else nan,
             "bucket": int(bucket[k]), "selected": bool(keep[k]), "strategy": strategy,
         })
-    for a in anchor_list:
-        ok = budget_macs is None or a.macs <= budget_macs
+    for k, a in enumerate(anchor_list):
         rows.append({
             "id": a.id, "kind": "anchor", "route": a.route, "src": a.src, "src_cut": a.src_cut, "dst": None,
-            "dst_cut": None, "macs": a.macs, "gflops": a.macs / 1e9, "params": a.params, "theta": float("nan"),
-            "sigma": float("nan"), "gamma": float("nan"), "cka_distance": float("nan"), "bucket": -1,
-            "selected": ok, "strategy": strategy,
+            "dst_cut": None, "macs": a.macs, "gflops": macs_to_gflops(a.macs), "params": a.params,
+            "latency_ms": float(cost.anchors[k]) if latency else nan, "theta": nan, "sigma": nan, "gamma": nan,
+            "cka_distance": nan, "bucket": -1, "selected": cost.budget is None or cost.anchors[k] <= cost.budget,
+            "strategy": strategy,
         })
     return rows
 
@@ -350,5 +358,5 @@ def _check_run_dir(run_dir: Path, inputs: str, overwrite: bool) -> None:
                         f"or --overwrite to replace it (its training and export go with it)")
 
 
-__all__ = ["DEFAULT_SCORE", "PROBE_TARGETS", "SCORE_TEXT", "SCORES", "SIGMA_FLOOR", "STRATEGIES", "SearchResult", "cka_distance", "probe_index", "rep_positions", "search",
+__all__ = ["DEFAULT_SCORE", "PROBE_TARGETS", "SCORE_TEXT", "SCORES", "SIGMA_FLOOR", "STITCH_KEYS", "STRATEGIES", "SearchConfig", "SearchResult", "cost_axis", "cka_distance", "probe_index", "rep_positions", "search",
            "stitch_scores"]

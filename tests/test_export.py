@@ -80,7 +80,8 @@ def trained(fake, tmp_path):
 def test_export_front_files(trained):
     res = export_pareto(trained, console=quiet())
     out = trained / "export"
-    assert [p.name for p in res.files] == ["front.csv", "front.json", "front.png", "front.svg"]
+    assert [p.name for p in res.files] == [f"{name}.{ext}" for name in ("front", "front-latency")
+                                           for ext in ("csv", "json", "png", "svg")]
     assert all(p.is_file() and p.stat().st_size > 0 for p in res.files)
     assert not (out / "models").exists()
     rows = read_results(trained)
@@ -91,12 +92,17 @@ def test_export_front_files(trained):
     assert [r["id"] for r in got] == ids(expected)
     assert [float(r["acc_after"]) for r in got] == [r["acc_after"] for r in expected]
     data = json.loads((out / "front.json").read_text())
-    assert data["budget_gflops"] == 0.0015 and data["points"] == len(rows) == 6
+    assert data["budget"] == {"axis": "gflops", "value": 0.0015, "unit": "GFLOPs"} and data["points"] == len(rows) == 6
     assert [r["id"] for r in data["front"]] == ids(expected)
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = (out / "front.svg").read_text()
     assert "GFLOPs (fvcore: 1 multiply-add = 1 FLOP)" in svg or "GFLOPs" in svg
     res.table()  # renders
+    # the latency front: accuracy against the latency klas train measured (the networks it timed)
+    timed = [r for r in rows if r["latency_ms"] == r["latency_ms"]]
+    assert timed and ids(res.fronts["latency"]) == ids(pareto_front(timed, cost="latency_ms"))
+    lat = json.loads((out / "front-latency.json").read_text())
+    assert lat["axis"] == "latency" and lat["cost"] == "latency_ms" and [r["id"] for r in lat["front"]] == ids(res.fronts["latency"])
 
 
 def _in_run_net(fake, run: Path) -> StitchNet:

@@ -15,11 +15,12 @@ RANK = {
     "errors": 0, "units": 0,
     "klas": 1,  # klas/__init__.py: the version and KlasError
     "fs": 1, "settings": 1, "term": 1,
+    "config": 1.5,  # CacheConfig, SearchConfig and the option vocabularies: torch-free, read by the CLI
     "utils": 2, "optim": 2, "metrics": 2,
     "models": 3, "data": 3,
     "zoo": 4,  # the demo family: registers itself with klas.models, which never imports it
-    "cache": 5, "probes": 5, "stitch": 5,
-    "score": 6, "select": 6,
+    "probes": 5, "stitch": 5,
+    "cache": 6, "score": 6, "select": 6,  # the cache times the stitch layers search may propose
     "run": 7,
     "search": 8, "train": 8,
     "quality": 9, "heterogeneous": 9, "tree": 9,  # the Stitch Tree stage trains with klas.train's core

@@ -72,8 +72,9 @@ def test_the_json_document_is_the_selection(default_run):
     """``klas search --json`` prints ``result.selection``: plain JSON, equal to selection.json on disk."""
     doc = json.loads(json.dumps(default_run.selection, allow_nan=False))
     assert doc == json.loads((default_run.run_dir / SELECTION).read_text())
-    assert {"format", "cache", "inputs", "strategy", "budget_gflops", "num_candidates", "anchors", "stitches",
+    assert {"format", "cache", "inputs", "strategy", "axis", "budget", "num_candidates", "anchors", "stitches",
             "anchor_pairs", "versions"} <= set(doc)
+    assert doc["axis"] == "gflops" and doc["budget"] is None and "budget_gflops" not in doc  # the budget under one key
     assert doc["stitches"] and all(set(s) == STITCH_KEYS for s in doc["stitches"])
     assert all(set(a) == {"name", "macs", "params"} for a in doc["anchors"])
     assert {(p["src"], p["dst"]) for p in doc["anchor_pairs"]} == {("klas_vit_ti", "klas_vit_s"), ("klas_vit_s", "klas_vit_ti")}
@@ -83,7 +84,7 @@ def test_the_json_document_is_the_selection(default_run):
 def test_every_strategy_selects_within_the_budget(vit_cache, tmp_path, strategy):
     result = run_search(vit_cache, tmp_path / strategy, strategy=strategy, budget=BUDGET)
     sel = result.selection
-    assert sel["strategy"] == strategy and sel["budget_gflops"] == BUDGET
+    assert sel["strategy"] == strategy and sel["budget"] == {"axis": "gflops", "value": BUDGET, "unit": "GFLOPs"}
     assert sel["stitches"], f"{strategy} selected nothing"
     assert all(s["macs"] <= BUDGET * 1e9 for s in sel["stitches"])
     assert [a["name"] for a in sel["anchors"]] == ["klas_vit_ti"]  # klas_vit_s costs more than the budget

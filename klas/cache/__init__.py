@@ -6,6 +6,9 @@ knows nothing of the zoo.
 """
 import klas.zoo  # noqa: F401  the demo family: timm names + weights source
 from klas.cache.reader import Cache, open_cache
-from klas.cache.writer import CacheSummary, build_cache, check_cache, feature_columns, pooled_forward
+from klas.cache.writer import (
+    CacheSummary, build_cache, check_cache, feature_columns, measure_cache_latency, pooled_forward,
+)
 
-__all__ = ["Cache", "CacheSummary", "build_cache", "check_cache", "feature_columns", "open_cache", "pooled_forward"]
+__all__ = ["Cache", "CacheSummary", "build_cache", "check_cache", "feature_columns", "measure_cache_latency", "open_cache",
+           "pooled_forward"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import re
 import shutil
 import time
@@ -46,8 +45,12 @@ from klas.fs import (
     LOCK, MARKER, DirLock, DiskFull, allocate, atomic_path, check_free_space, claim_dir, clear_dir, ensure_writable_dir,
     format_bytes, write_json_atomic,
 )
-from klas.models import LoadedModel, ModelSpec, Profile, check_random_init, load_model, parse_spec
+from klas.config import STITCH_KINDS, CacheConfig
+from klas.models import (
+    LoadedModel, ModelSpec, Profile, check_random_init, describe_device, device_identity, load_model, parse_spec,
+)
 from klas.optim import AMP_DTYPES, autocast, parse_amp
+from klas.stitch.latency import measure_profile, measure_steps, missing_batches, write_profiles
 from klas.term import make_console
 from klas.utils import DEFAULT_ROOT, dist_barrier, dist_rank_world, package_versions, resolve_device, sha256_json
 
@@ -63,6 +66,7 @@ class CacheSummary:
     images: int = 0  # images run through the models in this call (0 when already complete)
     seconds: float = 0.0
     status: str = "written"  # "written" | "resumed" | "up to date" | "up to date, verified" | "verified" | "shard"
+    latency: list[dict] = field(default_factory=list)  # latency profiles measured in this call: batch, device, seconds
 
 
 def feature_columns(loaded: LoadedModel) -> list[dict[str, list[int]]]:
@@ -134,30 +138,8 @@ def _fingerprint(loaded: list[LoadedModel], data: dict, splits: Sequence[str], a
     })
 
 
-def _whole(value: Any, least: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
-
-
-def _check_options(
-    models: Sequence[str], splits: Sequence[str] | None, batch_size: int, limit: int | None, preprocess: dict | None,
-    random_init: bool = False,
-) -> tuple[list[ModelSpec], list[str]]:
-    """Refuse bad arguments before anything is loaded or written: one message per option, naming the value."""
-    from klas.data import SPLITS
-
-    splits = list(dict.fromkeys(SPLITS if splits is None else splits))
-    if not splits:
-        raise KlasError(f"--split is empty; give one or more of {', '.join(SPLITS)}, comma-separated")
-    bad = [s for s in splits if s not in SPLITS]
-    if bad:
-        raise KlasError(f"unknown split {', '.join(map(repr, bad))}; choose from {', '.join(SPLITS)}")
-    if not _whole(batch_size, 1):
-        raise KlasError(f"--batch-size must be a positive whole number, got {batch_size!r}")
-    if limit is not None and not _whole(limit, 1):
-        raise KlasError(f"--limit must be a positive whole number of images per split, got {limit!r}")
-    size = (preprocess or {}).get("input_size")
-    if size is not None and not all(_whole(v, 1) for v in size):
-        raise KlasError(f"--input-size must be a positive whole number of pixels, got {list(size)[-1]!r}")
+def _check_models(models: Sequence[str], random_init: bool = False) -> list[ModelSpec]:
+    """Refuse bad ``--model`` arguments before anything is loaded or written: one message naming the value."""
     if not models:
         raise KlasError("no models given; pass --model NAME at least once")
     specs = [parse_spec(m) for m in models]
@@ -166,7 +148,7 @@ def _check_options(
     if len(set(names)) != len(names):
         twice = max(names, key=names.count)
         raise KlasError(f"two models named {twice}; give one an alias: --model {twice} --model other:{twice}=weights.pth")
-    return specs, splits
+    return specs
 
 
 def _device(device: str | None, amp: str | None, rank: int, world: int) -> tuple[torch.device, str | None]:
@@ -359,31 +341,25 @@ def build_cache(
     models: Sequence[str],
     data: str,
     out: Path | str,
+    config: CacheConfig | None = None,
     *,
-    splits: Sequence[str] | None = None,
-    limit: int | None = None,
-    random_init: bool = False,
-    batch_size: int = 64,
-    workers: int | str = "auto",
-    device: str | None = None,
-    amp: str | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    seed: int = 0,
-    root: Path = DEFAULT_ROOT,
-    preprocess: dict | None = None,
     console: Console | None = None,
     progress: bool = True,
     on_loaded: Callable[[dict[str, Profile]], None] | None = None,
+    **overrides: Any,
 ) -> CacheSummary:
     """Cache per-block pooled features and logits of ``models`` on ``data``; see docs/formats.md.
 
+    ``config`` holds the options (:class:`~klas.config.CacheConfig`, its defaults when None); keyword
+    ``overrides`` replace single fields (``build_cache(models, "digits", out, limit=100)``).
     ``preprocess`` overrides keys of the first model's timm data config (e.g. ``{"input_size": [3, 64, 64]}``);
     all models see the same pixels (resolution, resize, crop), each normalised with its own mean and
     std (recorded per model as ``input`` in the manifest). A model without a classifier gets a seeded
     linear head for the data's classes (``added_head``). Resumes a partial cache of the same configuration.
     ``workers``: DataLoader processes, ``"auto"`` (see :func:`klas.data.resolve_workers`) or a number.
     ``verify``: when the cache is already complete, check every file's sha256 (not only sizes and mtimes).
+    ``latency_batch``: the batch sizes this device's latency profile is measured at (``latency.json``,
+    :mod:`klas.stitch.latency`), also for a cache that is already complete; () measures none.
     ``on_loaded(profiles)``: called once on rank 0 when every model is loaded and profiled, before any
     image is computed (the CLI prints the stitch compatibility report there).
 
@@ -394,17 +370,17 @@ def build_cache(
     from klas.data import resolve_workers
 
     start = time.perf_counter()
-    out, root = Path(out), Path(root)
-    specs, splits = _check_options(models, splits, batch_size, limit, preprocess, random_init)
+    cfg = (config or CacheConfig()).with_overrides(**overrides) if overrides else (config or CacheConfig())
+    out = Path(out)
+    specs = _check_models(models, cfg.random_init)
     rank, world = dist_rank_world()
-    dev, amp = _device(device, amp, rank, world)
-    req = _Request(specs, str(data), out, splits, limit, random_init, batch_size, resolve_workers(workers, dev),
-                   dev, amp, overwrite, verify, seed, root, preprocess, on_loaded)
+    dev, amp = _device(cfg.device, cfg.amp, rank, world)
+    req = _Request(specs, str(data), out, cfg, resolve_workers(cfg.workers, dev), dev, amp, on_loaded)
     with ExitStack() as stack:
         if rank == 0:
             claim_dir(out, "cache", "--out", legacy=recognise_cache)
             stack.enter_context(DirLock(out, "--out"))  # held for the whole build: one writer per cache
-            _check_root(root, req.data, specs, random_init)
+            _check_root(cfg.root, req.data, specs, cfg.random_init)
         summary = _build(req, console or make_console(stderr=True), progress and rank == 0)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -417,31 +393,23 @@ class _Request:
     specs: list[ModelSpec]
     data: str
     out: Path
-    splits: list[str]
-    limit: int | None
-    random_init: bool
-    batch_size: int
+    cfg: CacheConfig
     workers: int
     device: torch.device
     amp: str | None
-    overwrite: bool
-    verify: bool
-    seed: int
-    root: Path
-    preprocess: dict | None
     on_loaded: Callable[[dict[str, Profile]], None] | None = None
 
 
 def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
-    """build_cache after its checks: load, decide, compute this rank's batches, finish (rank 0)."""
+    """build_cache after its checks: load, decide, compute this rank's batches, finish and profile (rank 0)."""
     from klas.data import build_transform, make_splits, open_source
 
     rank, world = dist_rank_world()
-    out = req.out
-    source = open_source(req.data, root=req.root)
-    split_defs = {k: v for k, v in make_splits(source, seed=req.seed, limit=req.limit).items() if k in req.splits}
+    out, cfg = req.out, req.cfg
+    source = open_source(req.data, root=cfg.root)
+    split_defs = {k: v for k, v in make_splits(source, seed=cfg.seed, limit=cfg.limit).items() if k in cfg.split_list}
     classes = len(source.classes) if len(source.classes) >= 2 else None
-    loaded, config, inputs = _load_models(req.specs, req.preprocess, req.random_init, req.root, req.device, req.seed, classes)
+    loaded, config, inputs = _load_models(req.specs, cfg.preprocess, cfg.random_init, cfg.root, req.device, cfg.seed, classes)
     if req.on_loaded is not None and rank == 0:
         req.on_loaded({m.name: m.profile for m in loaded})
     columns = [feature_columns(m) for m in loaded]
@@ -451,30 +419,56 @@ def _build(req: _Request, console: Console, progress: bool) -> CacheSummary:
         "fingerprint": source.fingerprint,
         "classes": list(source.classes),
         "preprocess": config,
-        "seed": req.seed,
+        "seed": cfg.seed,
         "fractions": [0.6, 0.2, 0.2],
-        "limit": req.limit,
+        "limit": cfg.limit,
     }
-    fingerprints = {fmt: _fingerprint(loaded, data_info, req.splits, req.amp, fmt, inputs)
+    fingerprints = {fmt: _fingerprint(loaded, data_info, cfg.split_list, req.amp, fmt, inputs)
                     for fmt in (FORMAT, SHARED_NORMALISATION, *UPGRADES)}
     fingerprint = fingerprints[FORMAT]
     if rank == 0:
-        status = _prepare_dir(out, fingerprints, req.batch_size, req.overwrite)
-        _start_files(out, status, fingerprint, req.batch_size, split_defs, loaded, widths)
+        status = _prepare_dir(out, fingerprints, cfg.batch_size, cfg.overwrite)
+        _start_files(out, status, fingerprint, cfg.batch_size, split_defs, loaded, widths)
     dist_barrier()
     if rank != 0:
         status = "up to date" if (out / MANIFEST).is_file() else "shard"
     if status == "up to date":
         if rank != 0:
             return CacheSummary(out, status="shard")
-        return _summary(open_cache(out, verify=req.verify), 0, 0.0, "up to date, verified" if req.verify else status)
-    job = _Job(out, source, loaded, build_transform(config), req.device, req.amp, req.batch_size, req.workers, rank, world)
-    images = _compute(job, split_defs, console, progress)
-    dist_barrier()
-    if rank != 0:
-        return CacheSummary(out, images=images, status="shard")
-    _finish(job, split_defs, fingerprint, data_info, widths, columns, req.random_init, inputs)
-    return _summary(open_cache(out), images, 0.0, status)
+        summary = _summary(open_cache(out, verify=cfg.verify), 0, 0.0, "up to date, verified" if cfg.verify else status)
+    else:
+        job = _Job(out, source, loaded, build_transform(config), req.device, req.amp, cfg.batch_size, req.workers, rank, world)
+        images = _compute(job, split_defs, console, progress)
+        dist_barrier()
+        if rank != 0:
+            return CacheSummary(out, images=images, status="shard")
+        _finish(job, split_defs, fingerprint, data_info, widths, columns, cfg.random_init, inputs)
+        summary = _summary(open_cache(out), images, 0.0, status)
+    summary.latency = profile_latency(out, fingerprint, loaded, cfg, req.device, req.amp, console, progress)
+    return summary
+
+
+def profile_latency(out: Path, fingerprint: str, loaded: Sequence[LoadedModel], cfg: CacheConfig, device: torch.device,
+                    amp: str | None, console: Console, progress: bool) -> list[dict]:
+    """Measure this device's latency profile at every batch of ``cfg.latency_batch`` that ``out/latency.json``
+    lacks (:mod:`klas.stitch.latency`; other devices' profiles are kept); returns what was measured."""
+    identity = device_identity(device, amp)
+    todo = missing_batches(out, fingerprint, identity, cfg.latency_batch)
+    if not todo:
+        return []
+    models = {m.name: m.adapter for m in loaded}
+    profiles = {m.name: m.profile for m in loaded}
+    steps = measure_steps(profiles, STITCH_KINDS)
+    done = []
+    with Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not progress, transient=True) as bar:
+        for batch in todo:
+            task = bar.add_task(f"latency, batch {batch}", total=steps)
+            done.append(measure_profile(models, profiles, batch=batch, device=device, amp_dtype=AMP_DTYPES.get(amp),
+                                        identity=identity, repeats=cfg.latency_repeats, kinds=STITCH_KINDS, seed=cfg.seed,
+                                        on_step=lambda k, n, t=task: bar.update(t, completed=k)))
+    write_profiles(out, fingerprint, done)
+    return [{"batch": p.batch, "device": describe_device(p.device), "seconds": p.seconds} for p in done]
 
 
 def _start_files(out, status, fingerprint, batch_size, split_defs, loaded, widths) -> None:
@@ -604,6 +598,25 @@ def _finish(job: _Job, split_defs: dict, fingerprint: str, data_info: dict, widt
     (out / STATE).unlink(missing_ok=True)
     (out / VERIFIED).unlink(missing_ok=True)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+
+
+def measure_cache_latency(path: Path | str, config: CacheConfig | None = None, *, console: Console | None = None,
+                          progress: bool = True, **overrides: Any) -> CacheSummary:
+    """``klas cache --out PATH`` alone: add this device's latency profile to a finished cache, at every batch
+    of ``latency_batch`` it lacks, under the cache's own ``--amp`` (the models are loaded from the cache)."""
+    start = time.perf_counter()
+    cfg = (config or CacheConfig()).with_overrides(**overrides) if overrides else (config or CacheConfig())
+    if not cfg.latency_batch:
+        raise KlasError("--latency-batch off measures nothing; give the batch sizes to profile, e.g. --latency-batch 1,64")
+    cache = open_cache(path)
+    with DirLock(cache.path, "--out"):
+        dev, amp = _device(cfg.device, cache.manifest.get("amp") or "off", 0, 1)
+        loaded = cache.load_models(device=dev, root=cfg.root)
+        summary = _summary(cache, 0, 0.0, "up to date")
+        summary.latency = profile_latency(cache.path, cache.fingerprint, loaded, cfg, dev, amp,
+                                          console or make_console(stderr=True), progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 def check_cache(path: Path | str) -> CacheSummary:

@@ -6,11 +6,11 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from klas.config import SPLITS  # noqa: F401  the three disjoint splits every data set is cut into, re-exported
 from klas.utils import DEFAULT_ROOT
 
-#: The three disjoint splits every data set is cut into (see :func:`klas.data.make_splits`).
-#: ``probe-train`` fits probes / trains stitches, ``score`` ranks candidates, ``eval`` is only reported.
-SPLITS: tuple[str, ...] = ("probe-train", "score", "eval")
+# (see :func:`klas.data.make_splits`) ``probe-train`` fits probes / trains stitches, ``score`` ranks
+# candidates, ``eval`` is only reported.
 
 
 @runtime_checkable

@@ -5,7 +5,8 @@ Writes ``RUN/export/`` (built under a temporary name, then moved into place):
 * ``tradeoff.csv`` / ``tradeoff.json``: per share point its cost (GFLOPs, fvcore convention), extra
   cost over the largest single model, the system's top-1, the recovered gain and each branch's
   fidelity; the floor (best single model) and the ceiling (all models separately) beside them;
-* ``tradeoff.png`` / ``.svg``: recovered gain against cost, with floor (0 %) and ceiling (100 %);
+* ``tradeoff.png`` / ``.svg``: recovered gain against cost, with floor (0 %) and ceiling (100 %), and
+  ``tradeoff-latency.png`` / ``.svg`` the same against the measured latency (when it was measured);
 * ``trees/s{share}/``: ``model.safetensors`` + ``config.json`` per tree. The weights are exactly what
   the tree runs: the trunk model whole (``m0.*``), each other branch model's blocks from its cut and
   its head (``m{i}.*``, its timm state-dict keys), each stitch module (``s{i}.*``).
@@ -43,7 +44,8 @@ TREE_FORMAT = "klas.tree-model/1"
 TRADEOFF_FORMAT = "klas.tradeoff/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-CSV_COLUMNS = ("system", "share", "gflops", "macs", "extra_cost", "acc", "recovered", "latency_ms", "fidelity", "artifact")
+CSV_COLUMNS = ("system", "share", "gflops", "macs", "extra_cost", "acc", "recovered", "latency_ms", "latency_pred_ms",
+               "fidelity", "artifact")
 #: What re-creates a damaged or edited tree artifact.
 REEXPORT = "re-export it with: klas export tree RUN"
 
@@ -149,17 +151,20 @@ def tradeoff_rows(manifest: dict) -> list[dict]:
         fid = {n: {k: f[k] for k in ("cosine", "top1", "model_top1")} for n, f in r["fidelity"].items()}
         rows.append({"system": f"tree s={r['share']}", "share": r["share"], "gflops": r["gflops"], "macs": r["macs"],
                      "extra_cost": r["extra_cost"], "acc": r["acc"], "recovered": r["recovered"],
-                     "latency_ms": r.get("latency_ms"), "fidelity": fid, "spec": r["spec"]})
+                     "latency_ms": r.get("latency_ms"), "latency_pred_ms": r.get("latency_pred_ms"), "fidelity": fid,
+                     "spec": r["spec"]})
     for key, name in (("floor", f"floor: {ref['floor']['model']}"), ("ceiling", "ceiling: all models separately")):
         v = ref[key]
         rows.append({"system": name, "share": None, "gflops": v["macs"] / 1e9, "macs": v["macs"], "extra_cost": v["extra_cost"],
                      "acc": v["acc"], "recovered": 0.0 if key == "floor" else 1.0, "latency_ms": v.get("latency_ms"),
+                     "latency_pred_ms": v.get("latency_pred_ms"),
                      "fidelity": None})
     return rows
 
 
-def plot_tradeoff(manifest: dict, out_base: Path, title: str) -> list[Path]:
-    """``out_base``.png / .svg: recovered gain (%) against GFLOPs, floor and ceiling drawn."""
+def plot_tradeoff(manifest: dict, out_base: Path, title: str, axis: str = "gflops") -> list[Path]:
+    """``out_base``.png / .svg: recovered gain (%) against GFLOPs, or with ``axis="latency"`` against the
+    measured ms per batch, floor and ceiling drawn."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -167,19 +172,25 @@ def plot_tradeoff(manifest: dict, out_base: Path, title: str) -> list[Path]:
 
     ref = manifest["reference"]
     trees = sorted(manifest["trees"], key=lambda r: r["macs"])
+
+    def x_of(r: dict) -> float:
+        return (r.get("latency_ms") if axis == "latency" else r["macs"] / 1e9) or float("nan")
+
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=150)
     ax.axhline(0, color="#dd8452", linestyle="--", linewidth=1.2,
                label=f"floor: {ref['floor']['model']} alone ({100 * ref['floor']['acc']:.2f}%)")
     ax.axhline(100, color="#55a868", linestyle="--", linewidth=1.2,
                label=f"ceiling: all models separately ({100 * ref['ceiling']['acc']:.2f}%)")
-    ax.scatter([ref["floor"]["macs"] / 1e9], [0], s=90, marker="*", color="#dd8452", edgecolors="black", zorder=5)
-    ax.scatter([ref["ceiling"]["macs"] / 1e9], [100], s=90, marker="*", color="#55a868", edgecolors="black", zorder=5)
-    xs = [r["gflops"] for r in trees]
+    ax.scatter([x_of(ref["floor"])], [0], s=90, marker="*", color="#dd8452", edgecolors="black", zorder=5)
+    ax.scatter([x_of(ref["ceiling"])], [100], s=90, marker="*", color="#55a868", edgecolors="black", zorder=5)
+    xs = [x_of(r) for r in trees]
     ys = [100 * r["recovered"] if r["recovered"] is not None and math.isfinite(r["recovered"]) else float("nan") for r in trees]
     ax.plot(xs, ys, "-o", color="#4c72b0", zorder=4, label="Stitch Tree (trunk " + manifest["trunk"] + ")")
     for r, x, y in zip(trees, xs, ys):
         ax.annotate(f"s={r['share']} ({100 * r['acc']:.1f}%)", (x, y), xytext=(6, -12), textcoords="offset points", fontsize=8)
-    ax.set_xlabel("GFLOPs (fvcore: 1 multiply-add = 1 FLOP)")
+    latency = manifest.get("latency") or {}
+    ax.set_xlabel("GFLOPs (fvcore: 1 multiply-add = 1 FLOP)" if axis == "gflops" else
+                  f"latency, ms per forward pass of {latency.get('batch')} images on {latency.get('device')} (measured)")
     ax.set_ylabel("recovered gain (%) = (tree - floor) / (ceiling - floor)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -225,7 +236,12 @@ def export_tree(run_dir: Path | str, *, root: Path | None = None, device: str = 
         write_json_atomic(tmp / "tradeoff.json", {"format": TRADEOFF_FORMAT, "run": run_dir.name, "trunk": manifest["trunk"],
                                                    "flops": FLOPS_CONVENTION, "accuracy_unit": "fraction", "rows": rows})
         plot_tradeoff(manifest, tmp / "tradeoff", f"{run_dir.name}: Stitch Tree, recovered gain vs cost")
-    result.files = [result.out_dir / n for n in ("tradeoff.csv", "tradeoff.json", "tradeoff.png", "tradeoff.svg")]
+        timed = all(r.get("latency_ms") is not None for r in manifest["trees"])
+        if timed:
+            plot_tradeoff(manifest, tmp / "tradeoff-latency", f"{run_dir.name}: Stitch Tree, recovered gain vs latency",
+                          axis="latency")
+    names = ["tradeoff.csv", "tradeoff.json", "tradeoff.png", "tradeoff.svg"]
+    result.files = [result.out_dir / n for n in names + (["tradeoff-latency.png", "tradeoff-latency.svg"] if timed else [])]
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -1,10 +1,11 @@
 """Choose which candidate stitches to train: the KLAS rule and the baselines it is compared with.
 
-All strategies see the same candidate list and the same budget. The FLOPs range that buckets split
-runs from the cheapest candidate (anchors included) to the most expensive anchor, capped by the
-budget: a stitch that costs more than the largest model is never worth training, and a budget
-narrows the range so that all B buckets lie within it. Candidates outside the range get bucket -1
-and are never selected.
+All strategies see the same candidate list and the same budget. The cost range that buckets split
+(GFLOPs, or with a latency budget predicted milliseconds on this device: :class:`CostAxis`) runs
+from the cheapest candidate (anchors included) to the most expensive anchor, capped by the budget: a
+stitch that costs more than the largest model is never worth training, and a budget narrows the
+range so that all B buckets lie within it. Candidates outside the range get bucket -1 and are never
+selected.
 
 * ``klas``: in each of B equal-width buckets keep the stitch with the lowest score Γ and every
   stitch with Γ <= (1 + τ) · min (KLAS, ICLR 2026).
@@ -22,24 +23,59 @@ to the bucket's best), SN-Net's configuration is thinned evenly over FLOPs or it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from klas.config import STRATEGIES, SearchConfig, format_budget  # STRATEGIES re-exported
 from klas.errors import KlasError
 from klas.models import Profile
 from klas.stitch.candidates import Candidate
+from klas.units import macs_to_gflops
 
-STRATEGIES = ("klas", "snnet", "random", "cka")
+
+@dataclass(frozen=True)
+class CostAxis:
+    """What the buckets split and the budget caps: a cost per candidate and per anchor, on one axis.
+
+    ``axis`` is ``gflops`` (costs in MACs, the budget too) or ``latency`` (predicted ms per batch on
+    this device, :mod:`klas.stitch.latency`; ``where`` says for which batch and device).
+    """
+
+    cands: np.ndarray
+    anchors: np.ndarray
+    budget: float | None = None
+    axis: str = "gflops"
+    where: str = ""
+
+    @classmethod
+    def of_macs(cls, cands: Sequence[Candidate], anchors: Sequence[Candidate], budget_macs: float | None = None) -> "CostAxis":
+        return cls(np.array([c.macs for c in cands], dtype=np.float64),
+                   np.array([a.macs for a in anchors], dtype=np.float64), budget_macs)
+
+    def show(self, value: float) -> str:
+        """A cost on this axis as klas prints it: ``0.0054 GFLOPs`` or ``12.3 ms``."""
+        return format_budget(self.axis, value if self.axis == "latency" else macs_to_gflops(value))
+
+    @property
+    def flag(self) -> str:
+        return "--budget-ms" if self.axis == "latency" else "--budget"
+
+
+
+def cost_range(cost: CostAxis) -> tuple[float, float]:
+    """[cheapest candidate or anchor, most expensive anchor] on the cost's axis, the top capped by the budget."""
+    lo = float(min(cost.cands.min(initial=np.inf), cost.anchors.min()))
+    hi = float(cost.anchors.max())
+    if cost.budget is not None:
+        hi = min(hi, float(cost.budget))
+    return lo, hi
 
 
 def flops_range(cands: Sequence[Candidate], anchors: Sequence[Candidate], budget_macs: float | None) -> tuple[float, float]:
-    """[cheapest candidate or anchor, most expensive anchor], the top capped by the budget."""
-    lo = min(c.macs for c in list(cands) + list(anchors))
-    hi = max(a.macs for a in anchors)
-    if budget_macs is not None:
-        hi = min(hi, budget_macs)
-    return float(lo), float(hi)
+    """[cheapest candidate or anchor, most expensive anchor] in MACs, the top capped by the budget."""
+    return cost_range(CostAxis.of_macs(cands, anchors, budget_macs))
 
 
 def assign_buckets(macs: np.ndarray, lo: float, hi: float, buckets: int) -> np.ndarray:
@@ -200,24 +236,27 @@ def select_snnet_count(cands: Sequence[Candidate], level: np.ndarray, count: int
 
 
 def check_selection_args(strategy: str, buckets: int, tau: float, budget_gflops: float | None) -> None:
-    """One-line errors for out-of-range selection settings."""
-    if strategy not in STRATEGIES:
-        raise KlasError(f"unknown --strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    if buckets < 1:
-        raise KlasError(f"--buckets must be at least 1, got {buckets}")
-    if not 0.0 <= tau < 1.0:
-        raise KlasError(f"--tau must lie in [0, 1), got {tau}")
-    if budget_gflops is not None and not (np.isfinite(budget_gflops) and budget_gflops > 0):
-        raise KlasError(f"--budget must be a positive number of GFLOPs, got {budget_gflops}")
+    """One-line errors for out-of-range selection settings (:class:`~klas.config.SearchConfig`'s checks)."""
+    SearchConfig(strategy=strategy, buckets=buckets, tau=tau, budget=budget_gflops)
 
 
-def check_budget(cands: Sequence[Candidate], anchors: Sequence[Candidate], budget_macs: float | None) -> None:
-    """Refuse a budget below every candidate (costs are known before any scoring: check it first)."""
-    cheapest = min(list(cands) + list(anchors), key=lambda c: c.macs)
-    if budget_macs is not None and budget_macs < cheapest.macs:
+def check_budget(cands: Sequence[Candidate], anchors: Sequence[Candidate], budget_macs: float | None,
+                 cost: CostAxis | None = None) -> None:
+    """Refuse a budget below every candidate (costs are known before any scoring: check it first).
+
+    ``cost`` (default: MACs and ``budget_macs``) gives the axis; the message names the cheapest network.
+    """
+    cost = cost or CostAxis.of_macs(cands, anchors, budget_macs)
+    if cost.budget is None:
+        return
+    everyone = list(cands) + list(anchors)
+    values = np.concatenate([cost.cands, cost.anchors])
+    k = int(np.argmin(values))
+    if cost.budget < values[k]:
+        where = f" ({cost.where})" if cost.where else ""
         raise KlasError(
-            f"--budget {budget_macs / 1e9:.4g} GFLOPs is below the cheapest candidate, {cheapest.route} "
-            f"at {cheapest.macs / 1e9:.4g} GFLOPs; raise the budget"
+            f"{cost.flag} {cost.show(cost.budget)} is below the cheapest candidate, {everyone[k].route} "
+            f"at {cost.show(float(values[k]))}{where}; raise the budget"
         )
 
 
@@ -234,18 +273,22 @@ def select(
     tau: float = 0.05,
     seed: int = 0,
     count: int | None = None,
+    cost: CostAxis | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(selected mask, bucket index) over ``cands`` for one strategy.
+
+    ``cost``: the axis buckets split and the budget caps (default: MACs, capped by ``budget_macs``;
+    a latency axis buckets over predicted milliseconds instead).
 
     ``count``: select exactly that many in-range stitches (when that many exist) instead of each
     strategy's own count, each by its own rule: ``klas`` / ``cka`` move τ
     (:func:`select_count_by_score`), ``snnet`` thins or widens its window (:func:`select_snnet_count`),
     ``random`` draws ``count``.
     """
-    macs = np.array([c.macs for c in cands], dtype=np.float64)
-    check_budget(cands, anchors, budget_macs)
-    lo, hi = flops_range(cands, anchors, budget_macs)
-    bucket = assign_buckets(macs, lo, hi, buckets)
+    cost = cost or CostAxis.of_macs(cands, anchors, budget_macs)
+    check_budget(cands, anchors, budget_macs, cost)
+    lo, hi = cost_range(cost)
+    bucket = assign_buckets(cost.cands, lo, hi, buckets)
     in_range = bucket >= 0
     scores = {"klas": gamma, "cka": cka_distance}
     if strategy in scores:
@@ -267,7 +310,7 @@ def select(
 
 
 __all__ = [
-    "STRATEGIES", "assign_buckets", "bucket_best", "check_budget", "check_selection_args", "flops_range", "ratio_to_bucket_best",
+    "STRATEGIES", "CostAxis", "assign_buckets", "cost_range", "bucket_best", "check_budget", "check_selection_args", "flops_range", "ratio_to_bucket_best",
     "select", "select_by_bucket", "select_count_by_score", "select_random", "select_snnet", "select_snnet_count",
     "snnet_levels", "spread_pick",
 ]

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from klas.config import DIRECTIONS  # re-exported
 from klas.errors import KlasError
 from klas.models import Profile
 from klas.stitch.network import route_string, stitch_id, stitch_macs, stitch_params
 
-DIRECTIONS = ("up", "both")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from klas.config import STITCH_KINDS  # re-exported
 from klas.errors import KlasError
 
 StitchKind = Literal["linear", "mlp", "lora"]
-STITCH_KINDS: tuple[str, ...] = ("linear", "mlp", "lora")
 #: Rank of a ``lora`` stitch's update (capped by its widths). SN-Netv2 uses 64 for DeiT-scale widths
 #: (384-1024); the demo's widths are 32-128, so a proportionally smaller rank.
 LORA_RANK = 8

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klas.config import DEFAULT_LATENCY_BATCH, DEFAULT_LATENCY_REPEATS
 from klas.errors import KlasError
 from klas.settings import Settings, flag, recipe_field
 from klas.fs import DEFAULT_ROOT
@@ -22,6 +23,10 @@ from klas.train.data import DEFAULT_PRELOAD_LIMIT_GB
 from klas.train.losses import loss_string, parse_loss
 
 SAMPLINGS = ("uniform", "bucket")
+#: ``--latency``: which networks klas train times.
+LATENCY_MODES = ("front", "all", "off")
+#: Images per evaluation batch (klas.train.evaluate streams each anchor through it once).
+EVAL_BATCH_SIZE = 256
 INITS = ("ls", "random")
 TEACHERS = ("target", "largest")
 
@@ -61,7 +66,11 @@ class TrainConfig(Settings):
     * ``resume`` (False): continue ``checkpoints/last.pt`` (same selection and recipe required);
       ``overwrite`` (False): start over although a checkpoint exists; ``stop_after`` (None): return after
       this many epochs of this invocation, leaving a checkpoint to resume.
-    * ``eval_batch_size`` (256); ``latency`` (True), ``latency_batch`` (64), ``latency_repeats`` (5).
+    * ``eval_batch_size`` (EVAL_BATCH_SIZE); ``latency`` ("front": time the networks on the GFLOPs front or
+      on the predicted-latency front; "all"; "off"; True / False read as "front" / "off"),
+      ``latency_batch`` (1 image), ``latency_repeats`` (5): median ms of that many timed runs, after one
+      warm-up per model, on the device and under the cache's ``--amp`` (the dtype its latency profile
+      was measured in, :mod:`klas.stitch.latency`), with the profile's prediction beside it.
     * ``amp`` ("auto": bf16, else fp16, on CUDA, off on CPU; "bf16" / "fp16" on CPU too, through torch's
       CPU autocast; see :func:`klas.optim.parse_amp`),
       ``device`` (None = CUDA when present), ``root`` (klas cache root, for demo weights and data),
@@ -95,10 +104,10 @@ class TrainConfig(Settings):
     resume: bool = False
     overwrite: bool = False
     stop_after: int | None = None
-    eval_batch_size: int = 256
-    latency: bool = True
-    latency_batch: int = 64
-    latency_repeats: int = 5
+    eval_batch_size: int = EVAL_BATCH_SIZE
+    latency: str = "front"
+    latency_batch: int = DEFAULT_LATENCY_BATCH
+    latency_repeats: int = DEFAULT_LATENCY_REPEATS
     amp: str = "auto"
     device: str | None = None
     root: Path = DEFAULT_ROOT
@@ -130,7 +139,10 @@ class TrainConfig(Settings):
         self._choice("amp", AMP_CHOICES)
         if self.layer is not None:
             self._choice("layer", STITCH_KINDS)
-        self._bool("full_tune", "resume", "overwrite", "latency", *(("anchor_routes",) if self.anchor_routes is not None else ()))
+        if isinstance(self.latency, bool):
+            object.__setattr__(self, "latency", "front" if self.latency else "off")
+        self._choice("latency", LATENCY_MODES)
+        self._bool("full_tune", "resume", "overwrite", *(("anchor_routes",) if self.anchor_routes is not None else ()))
         if self.anchor_routes and not self.full_tune:
             raise KlasError("--anchor-routes trains the anchors as routes of their own; it needs --full-tune")
         parse_loss(self.loss)  # a KlasError naming the bad term
@@ -168,4 +180,4 @@ class TrainConfig(Settings):
         return {k: getattr(self, k) for k in self.recipe_keys()}
 
 
-__all__ = ["INITS", "SAMPLINGS", "TEACHERS", "TrainConfig"]
+__all__ = ["EVAL_BATCH_SIZE", "INITS", "LATENCY_MODES", "SAMPLINGS", "TEACHERS", "TrainConfig"]

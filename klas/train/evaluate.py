@@ -7,20 +7,20 @@ prefix once per batch (:mod:`klas.train.forward`), and returns which images each
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from klas.models import median_ms
 from klas.optim import autocast
 from klas.stitch.network import StitchNet
 from klas.train.data import SplitData
-from klas.train.forward import anchor_outputs, group_outputs, needs_of, target_groups
+from klas.train.forward import anchor_outputs, group_outputs, needs_of, target_groups, target_of
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def correct_per_image(
     nets: Mapping[str, tuple[StitchNet, Sequence[str]]],
     data: SplitData,
@@ -35,33 +35,76 @@ def correct_per_image(
     """``{tag: {id: bool array}}``: per image of ``positions`` (default: the whole split, in order),
     whether each listed stitch id / anchor name of each ``(net, ids)`` predicts the label.
 
-    All nets must share the same anchor modules; stitches continuing in the same target block run
-    together in chunks of ``chunk_images`` images (0: each network alone, exactly its own forward).
+    All nets must share the same anchor modules. Each anchor's blocks run once per batch. With
+    ``chunk_images`` 0 (the default) the batch streams through each anchor in turn: at every
+    representation a stitch leaves, those stitches run at once (stitch module, target suffix, head) and
+    the representation is dropped, so only one representation per anchor is held at a time; each
+    network computes exactly what it computes alone. With ``chunk_images`` > 0, stitches continuing in
+    the same target block run together in chunks of that many images (every representation is held).
     """
-    needs = needs_of(nets.values())
     first = next(iter(nets.values()))[0]
-    plans = {tag: ([i for i in ids if net.is_anchor(i)],
-                   target_groups(net, [i for i in ids if not net.is_anchor(i)], chunk_images, batch_size))
-             for tag, (net, ids) in nets.items()}
     modes = [net.training for net, _ in nets.values()]
     for net, _ in nets.values():
         net.eval()
     out: dict[str, dict[str, list]] = {tag: {i: [] for i in ids} for tag, (_, ids) in nets.items()}
+    run = _chunked(nets, chunk_images, batch_size) if chunk_images else _streamed(nets)
     for x, y, _ in data.batches(range(data.n) if positions is None else positions, batch_size, device):
         with autocast(device, amp_dtype):
-            reps = first.representations(x, needs)
-            for tag, (net, _) in nets.items():
-                anchor_ids, groups = plans[tag]
-                for a in anchor_ids:
-                    out[tag][a].append((anchor_outputs(net, a, reps).logits.argmax(1) == y).cpu())
-                for group in groups:
-                    for i, o in zip(group[2], group_outputs(net, group, reps)):
-                        out[tag][i].append((o.logits.argmax(1) == y).cpu())
+            for tag, i, logits in run(first, x):
+                out[tag][i].append((logits.argmax(1) == y).cpu())
         if on_batch:
             on_batch(len(y))
     for (net, _), mode in zip(nets.values(), modes):
         net.train(mode)
     return {tag: {i: (torch.cat(v).numpy() if v else np.zeros(0, bool)) for i, v in d.items()} for tag, d in out.items()}
+
+
+def _streamed(nets: Mapping[str, tuple[StitchNet, Sequence[str]]]):
+    """``run(first, x)`` yielding ``(tag, id, logits)``: each anchor's blocks once, every stitch run as soon
+    as its source representation exists, every representation dropped once its stitches have run."""
+    leaving: dict[tuple[str, int], list[tuple[str, StitchNet, str]]] = {}
+    for tag, (net, ids) in nets.items():
+        for i in ids:
+            key = (i, net.profiles[i].num_blocks) if net.is_anchor(i) else (net.specs[i].src, net.specs[i].src_cut)
+            leaving.setdefault(key, []).append((tag, net, i))
+    walk: dict[str, list[int]] = {}
+    for name, cut in sorted(leaving):
+        walk.setdefault(name, []).append(cut)
+
+    def run(first: StitchNet, x: torch.Tensor):
+        for name, cuts in walk.items():
+            adapter = first.adapter(name)
+            h, r = adapter.stem(x), 0
+            for cut in cuts:
+                h, r = adapter.run_blocks(h, r, cut), cut
+                for tag, net, i in leaving[(name, cut)]:
+                    if net.is_anchor(i):
+                        yield tag, i, net.adapter(i).head(h)
+                    else:
+                        s = net.specs[i]
+                        dst = net.adapter(s.dst)
+                        yield tag, i, dst.head(dst.run_blocks(net.stitch_layer(i)(h), s.dst_cut))
+    return run
+
+
+def _chunked(nets: Mapping[str, tuple[StitchNet, Sequence[str]]], chunk_images: int, batch_size: int):
+    """``run(first, x)`` yielding ``(tag, id, logits)``: every needed representation first, then stitches
+    that resume the same target block together, ``chunk_images // batch_size`` per call."""
+    needs = needs_of(nets.values())
+    plans = {tag: ([i for i in ids if net.is_anchor(i)],
+                   target_groups(net, [i for i in ids if not net.is_anchor(i)], chunk_images, batch_size))
+             for tag, (net, ids) in nets.items()}
+
+    def run(first: StitchNet, x: torch.Tensor):
+        reps = first.representations(x, needs)
+        for tag, (net, _) in nets.items():
+            anchor_ids, groups = plans[tag]
+            for a in anchor_ids:
+                yield tag, a, anchor_outputs(net, a, reps).logits
+            for group in groups:
+                for i, o in zip(group[2], group_outputs(net, group, reps)):
+                    yield tag, i, o.logits
+    return run
 
 
 def evaluate_all(
@@ -94,6 +137,43 @@ def evaluate_all(
     return {i: float(correct[k] / data.n) for k, i in enumerate(ids)}
 
 
+def required_macs(net: StitchNet, ids: Sequence[str]) -> int:
+    """MACs per image the networks ``ids`` must cost together, at least: every model they use, forward
+    once (their shared prefixes inside it), plus every stitch's own stitch module and suffix."""
+    used = set()
+    extra = 0
+    for i in ids:
+        if net.is_anchor(i):
+            used.add(i)
+        else:
+            s = net.specs[i]
+            used.add(s.src)
+            extra += net.macs(i) - net.profiles[s.src].prefix_macs(s.src_cut)
+    return sum(net.profiles[n].macs for n in used) + extra
+
+
+@torch.inference_mode()
+def bare_throughput(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, device: torch.device,
+                    amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The device's throughput on these models: MACs per second of one bare forward pass of the batch
+    ``x`` through every model the networks ``ids`` use (call it with the models warm: no warm-up pass),
+    per wall-clock second (``macs_per_s``) and per second of this process's CPU time (``macs_per_cpu_s``,
+    which a busy machine disturbs less)."""
+    names = sorted({n for n in needs_of([(net, ids)])} | {target_of(net, i) for i in ids})
+    x = x.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with autocast(device, amp_dtype):
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for n in names:
+            a = net.adapter(n)
+            a.head(a.run_blocks(a.stem(x)))
+        sync()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    macs = sum(net.profiles[n].macs for n in names) * x.shape[0]
+    return {"macs_per_s": macs / max(wall, 1e-12), "macs_per_cpu_s": macs / max(cpu, 1e-12)}
+
+
 @torch.no_grad()
 def measure_latency(
     model: torch.nn.Module,
@@ -104,20 +184,11 @@ def measure_latency(
     repeats: int = 10,
     warmup: int = 2,
 ) -> float:
-    """Median wall-clock milliseconds of one forward pass over the batch ``x``."""
+    """Median wall-clock milliseconds of one forward pass over the batch ``x`` (:func:`klas.models.median_ms`)."""
     model.eval()
     x = x.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     with autocast(device, amp_dtype):
-        for k in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            if k >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+        return median_ms(lambda: model(x), device=device, repeats=repeats, warmup=warmup)
 
 
-__all__ = ["autocast", "correct_per_image", "evaluate_all", "measure_latency"]
+__all__ = ["autocast", "bare_throughput", "correct_per_image", "evaluate_all", "measure_latency", "required_macs"]

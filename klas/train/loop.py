@@ -51,7 +51,9 @@ from klas.train.core import (
     teacher_targets,
 )
 from klas.train.data import SplitData, epoch_positions
-from klas.train.evaluate import evaluate_all, measure_latency
+from klas.models import device_identity
+from klas.train.evaluate import bare_throughput, evaluate_all, required_macs
+from klas.train.latency import LatencyReport, predictions, time_networks, to_time
 from klas.train.results import RESULTS, write_results
 from klas.utils import (
     FLOPS_CONVENTION, dist_barrier, dist_rank_world, package_versions, resolve_device, seed_everything,
@@ -63,6 +65,9 @@ MANIFEST_FORMAT = "klas.train/1"
 TRAIN_SPLIT = "probe-train"
 EVAL_SPLIT = "eval"
 AMPS = AMP_CHOICES
+#: At most this many images in the bare forward the evaluator's throughput is compared with (one batch;
+#: the check costs a few per cent of an evaluation pass).
+BARE_BATCH = 64
 #: Run facts recorded beside the recipe in ``train.json``'s config; a change only earns a note on resume.
 ENVIRONMENT_KEYS = ("world_size", "device", "amp")
 
@@ -82,6 +87,29 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (data, models, ls_init, ...)
+    evaluation: dict | None = None  # the evaluator's throughput against a bare forward (train.json)
+    latency: dict | None = None  # what was timed and the predictor's error (train.json)
+
+    def phase_table(self) -> Table:
+        """Where the run spent its time: seconds and share per phase; the evaluator's throughput ratio and
+        the predictor's error in the caption."""
+        total = sum(self.timings.values()) or 1.0
+        notes = []
+        if self.evaluation:
+            notes.append("evaluator at " + ", ".join(f"{100 * p['ratio']:.0f}% ({k})" for k, p in self.evaluation["passes"].items())
+                         + " of a bare forward's throughput (CPU time: "
+                         + ", ".join(f"{100 * p['cpu_ratio']:.0f}%" for p in self.evaluation["passes"].values()) + ")")
+        err = (self.latency or {}).get("predictor_error")
+        if err:
+            notes.append(f"latency predictor error: median {100 * err['median']:.1f}%, worst {100 * err['worst']:.1f}% "
+                         f"over {err['networks']} timed networks")
+        t = Table(title=f"{self.run_dir.name}: where the time went", caption="; ".join(notes) or None)
+        for col in ("phase", "seconds", "share"):
+            t.add_column(col, justify="left" if col == "phase" else "right")
+        for k, v in self.timings.items():
+            t.add_row(k, f"{v:.1f}", f"{100 * v / total:.1f}%")
+        t.add_row("total", f"{total:.1f}", "100%")
+        return t
 
     def table(self, limit: int | None = None) -> Table:
         """A rich table: stitches and anchors, cheapest first, with accuracy before/after."""
@@ -134,6 +162,7 @@ class RunContext:
     console: Console
     progress: bool
     timer: _Timer = field(default_factory=_Timer)
+    eval_seconds: dict[str, tuple[float, float]] = field(default_factory=dict)  # (wall, CPU) seconds per pass
 
     @property
     def ckpt_path(self) -> Path:
@@ -323,7 +352,7 @@ def start_or_resume(ctx: RunContext, tr: Trainer) -> RunState:
         _broadcast_module(net.stitch_layers)
     if ctx.rank == 0:  # outputs of an earlier training (and the front exported from it) are now stale
         discard(ctx.run_dir, (RESULTS, MANIFEST, EXPORT))
-    before = evaluate_run(ctx, net, "evaluating (before)")
+    before = evaluate_run(ctx, net, "before")
     ctx.timer.lap("eval_before")
     state = RunState(before, fit_r2, [], 0)
     save_state(ctx, tr, state)
@@ -331,14 +360,38 @@ def start_or_resume(ctx: RunContext, tr: Trainer) -> RunState:
 
 
 def evaluate_run(ctx: RunContext, net: StitchNet, what: str) -> dict[str, float]:
-    """Accuracy of every reported network on the eval split, with a progress bar on rank 0."""
+    """Accuracy of every reported network on the eval split, with a progress bar on rank 0; the seconds
+    it took go to ``ctx.eval_seconds[what]``."""
     ids = eval_ids(ctx)
+    t0, c0 = time.perf_counter(), time.process_time()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=ctx.console, disable=not ctx.progress or ctx.rank != 0, transient=True) as bar:
-        task = bar.add_task(f"{what}: {len(ids)} networks", total=ctx.eval_data.n // ctx.world)
-        return evaluate_all(net, ctx.eval_data, ids, batch_size=ctx.cfg.eval_batch_size, device=ctx.device,
-                            amp_dtype=ctx.amp_dtype, rank=ctx.rank, world=ctx.world,
-                            on_batch=lambda n: bar.advance(task, n))
+        task = bar.add_task(f"evaluating ({what}): {len(ids)} networks", total=ctx.eval_data.n // ctx.world)
+        acc = evaluate_all(net, ctx.eval_data, ids, batch_size=ctx.cfg.eval_batch_size, device=ctx.device,
+                           amp_dtype=ctx.amp_dtype, rank=ctx.rank, world=ctx.world,
+                           on_batch=lambda n: bar.advance(task, n))
+    ctx.eval_seconds[what] = (time.perf_counter() - t0, time.process_time() - c0)
+    return acc
+
+
+def evaluator_throughput(ctx: RunContext, net: StitchNet) -> dict[str, Any]:
+    """How close the evaluator came to the device's throughput (``train.json``'s ``evaluation``): the
+    MACs it had to compute (:func:`klas.train.evaluate.required_macs`) per second of each pass, against a
+    bare batched forward of the same models on one eval batch (at most BARE_BATCH images), timed now; per
+    wall-clock second (``ratio``) and per CPU second of this process (``cpu_ratio``: steadier on a
+    busy machine; on CUDA the wall-clock ratio is the one that counts)."""
+    ids = eval_ids(ctx)
+    per_image = required_macs(net, ids)
+    x = ctx.eval_data.first(min(ctx.cfg.eval_batch_size, BARE_BATCH))
+    bare = bare_throughput(net, ids, x, device=ctx.device, amp_dtype=ctx.amp_dtype)
+    work = per_image * (ctx.eval_data.n // ctx.world)
+    passes = {what: {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "macs_per_s": work / wall,
+                     "ratio": work / wall / bare["macs_per_s"], "cpu_ratio": work / cpu / bare["macs_per_cpu_s"]}
+              for what, (wall, cpu) in ctx.eval_seconds.items()}
+    return {"required_gmacs_per_image": per_image / 1e9, "images": ctx.eval_data.n // ctx.world,
+            "batch_size": ctx.cfg.eval_batch_size, "bare_batch": int(x.shape[0]), **{f"bare_{k}": v for k, v in bare.items()},
+            "passes": passes,
+            "note": "ratio = (required MACs / pass seconds) / (bare forward MACs / second); fvcore MACs"}
 
 
 def save_state(ctx: RunContext, tr: Trainer, state: RunState) -> None:
@@ -435,38 +488,41 @@ def train_epochs(ctx: RunContext, tr: Trainer, state: RunState) -> None:
         raise
 
 
-def measure_latencies(ctx: RunContext, net: StitchNet) -> dict[str, float]:
-    """Median ms per batch of every reported network (rank 0 only; empty with ``latency`` off)."""
-    cfg = ctx.cfg
-    if not cfg.latency or ctx.rank != 0:
-        return {}
-    ids = eval_ids(ctx)
-    x = ctx.eval_data.first(cfg.latency_batch)
-    lat = {}
+def measure_latencies(ctx: RunContext, net: StitchNet, after: dict[str, float]) -> LatencyReport:
+    """Predicted ms of every reported network (the cache's profile for this device and batch) and measured
+    ms of those ``--latency`` names (rank 0 only; nothing timed with ``--latency off``)."""
+    cfg, ids = ctx.cfg, eval_ids(ctx)
+    if ctx.rank != 0:
+        return LatencyReport()
+    batch = min(cfg.latency_batch, ctx.eval_data.n)
+    predicted, profile, _ = predictions(net, ids, ctx.cache, ctx.device, batch)
+    chosen = to_time(cfg.latency, ids, {i: net.macs(i) for i in ids}, after, predicted, net.anchor_names)
+    x = ctx.eval_data.first(batch)
     with Progress(*_COLUMNS[:3], console=ctx.console, disable=not ctx.progress, transient=True) as bar:
-        task = bar.add_task("timing", total=len(ids), loss="", rate="", stitch="")
-        for i in ids:
-            lat[i] = measure_latency(net.model(i), x, device=ctx.device, amp_dtype=ctx.amp_dtype,
-                                     repeats=cfg.latency_repeats)
-            bar.advance(task)
-    return lat
+        task = bar.add_task(f"timing {len(chosen)} networks", total=len(chosen), loss="", rate="", stitch="")
+        measured, warm = time_networks(net, chosen, x, device=ctx.device, amp=ctx.cache.manifest.get("amp"),
+                                       repeats=cfg.latency_repeats, on_done=lambda i: bar.advance(task))
+    return LatencyReport(measured, predicted, profile, device_identity(ctx.device, ctx.cache.manifest.get("amp")), warm)
 
 
 def result_rows(ctx: RunContext, net: StitchNet, state: RunState, after: dict[str, float],
-                lat: dict[str, float]) -> list[dict]:
+                report: LatencyReport) -> list[dict]:
     """The rows of ``results.parquet`` (:data:`klas.train.results.SCHEMA`): stitches, then anchors."""
-    cfg, before, nan = ctx.cfg, state.before, float("nan")
-    timing = {"latency_batch": min(cfg.latency_batch, ctx.eval_data.n) if cfg.latency else None,
-              "latency_device": str(ctx.device) if cfg.latency else None}
+    before, nan = state.before, float("nan")
+    lat, pred = report.measured, report.predicted
+    on = ctx.cfg.latency != "off" or bool(pred)
+    timing = {"latency_batch": min(ctx.cfg.latency_batch, ctx.eval_data.n) if on else None,
+              "latency_device": str(ctx.device) if on else None}
     rows = []
     for s in ctx.specs:
         rows.append({
             "id": s.id, "kind": "stitch",
             "route": route_string(s.src, s.src_cut, s.dst, s.dst_cut, net.profiles[s.dst].num_blocks),
-            "src": s.src, "src_cut": s.src_cut, "dst": s.dst, "dst_cut": s.dst_cut, "layer": cfg.layer,
+            "src": s.src, "src_cut": s.src_cut, "dst": s.dst, "dst_cut": s.dst_cut, "layer": ctx.cfg.layer,
             "macs": net.macs(s.id), "gflops": net.macs(s.id) / 1e9, "params": net.params(s.id),
             "acc_before": before[s.id], "acc_after": after[s.id], "init_r2": state.fit_r2.get(s.id, nan),
-            "latency_ms": lat.get(s.id, nan), **timing, "bucket": s.bucket, "theta": s.theta, "gamma": s.gamma,
+            "latency_ms": lat.get(s.id, nan), "latency_pred_ms": pred.get(s.id, nan), **timing, "bucket": s.bucket,
+            "theta": s.theta, "gamma": s.gamma,
         })
     for name in (a["name"] for a in ctx.selection["anchors"]):
         n = net.profiles[name].num_blocks
@@ -474,14 +530,15 @@ def result_rows(ctx: RunContext, net: StitchNet, state: RunState, after: dict[st
             "id": name, "kind": "anchor", "route": route_string(name, n, None, None, None), "src": name, "src_cut": n,
             "dst": None, "dst_cut": None, "layer": None, "macs": net.macs(name), "gflops": net.macs(name) / 1e9,
             "params": net.params(name), "acc_before": before[name], "acc_after": after[name], "init_r2": nan,
-            "latency_ms": lat.get(name, nan), **timing, "bucket": -1, "theta": nan, "gamma": nan,
+            "latency_ms": lat.get(name, nan), "latency_pred_ms": pred.get(name, nan), **timing, "bucket": -1,
+            "theta": nan, "gamma": nan,
         })
     return rows
 
 
-def write_outputs(ctx: RunContext, rows: list[dict], state: RunState, seconds: float) -> None:
+def write_outputs(ctx: RunContext, rows: list[dict], state: RunState, seconds: float, report: LatencyReport,
+                  evaluation: dict | None) -> None:
     """``results.parquet``, then ``train.json`` (the manifest, last); rank 0 writes."""
-    cfg = ctx.cfg
     if ctx.rank == 0:
         made_from = {"klas.config": sha256_json(ctx.config), "klas.selection_sha256": ctx.sel_hash,
                      "klas.cache_fingerprint": ctx.cache.fingerprint,
@@ -496,12 +553,23 @@ def write_outputs(ctx: RunContext, rows: list[dict], state: RunState, seconds: f
             "eval_split": EVAL_SPLIT, "eval_images": ctx.eval_data.n,
             "data_config": ctx.cache.manifest["data"]["preprocess"], "history": state.history, "seconds": seconds,
             "timings_s": {k: round(v, 3) for k, v in ctx.timer.seconds.items()},
-            "latency": {"batch": rows[0]["latency_batch"], "device": rows[0]["latency_device"],
-                        "repeats": cfg.latency_repeats,
-                        "statistic": "median ms per forward pass of one batch"} if cfg.latency else None,
+            "evaluation": evaluation,
+            "latency": _latency_manifest(ctx, rows, report),
             "accuracy_unit": "fraction", "flops": FLOPS_CONVENTION, "versions": package_versions(),
         })
     dist_barrier()
+
+
+def _latency_manifest(ctx: RunContext, rows: list[dict], report: LatencyReport) -> dict | None:
+    """``train.json``'s ``latency``: what was timed, how, and the predictor's error on it."""
+    cfg = ctx.cfg
+    if cfg.latency == "off" and not report.predicted:
+        return None
+    return {"mode": cfg.latency, "batch": rows[0]["latency_batch"], "device": report.device,
+            "dtype": (report.device or {}).get("dtype"), "repeats": cfg.latency_repeats,
+            "statistic": "median ms per forward pass of one batch (one warm-up per model)",
+            "measured": len(report.measured), "networks": len(rows), "warmup_s": round(report.warmup_seconds, 3),
+            "profile": report.profile, "predictor_error": report.summary()}
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -549,14 +617,17 @@ def train_run(run_dir: Path | str, config: TrainConfig | None = None, *, console
         ctx.say(f"stopped after epoch {state.epoch_done}/{ctx.cfg.epochs}; continue with --resume")
         return TrainResult(run_dir, [], ctx.config, state.epoch_done, False, time.perf_counter() - t_start, state.history)
     ctx.timer.lap("train")
-    after = evaluate_run(ctx, tr.net, "evaluating (after)")
+    after = evaluate_run(ctx, tr.net, "after")
     ctx.timer.lap("eval_after")
-    lat = measure_latencies(ctx, tr.net)
+    report = measure_latencies(ctx, tr.net, after)
     ctx.timer.lap("latency")
-    rows = result_rows(ctx, tr.net, state, after, lat)
+    evaluation = evaluator_throughput(ctx, tr.net) if ctx.rank == 0 else None
+    ctx.timer.lap("throughput_check")
+    rows = result_rows(ctx, tr.net, state, after, report)
     seconds = time.perf_counter() - t_start
-    write_outputs(ctx, rows, state, seconds)
-    return TrainResult(run_dir, rows, ctx.config, state.epoch_done, True, seconds, state.history, ctx.timer.seconds)
+    write_outputs(ctx, rows, state, seconds, report, evaluation)
+    return TrainResult(run_dir, rows, ctx.config, state.epoch_done, True, seconds, state.history, ctx.timer.seconds,
+                       evaluation, _latency_manifest(ctx, rows, report))
 
 
 __all__ = [

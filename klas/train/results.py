@@ -28,7 +28,8 @@ SCHEMA = pa.schema([
     ("acc_before", pa.float64()),  # top-1 (fraction) on the eval split after least-squares init, before fine-tuning
     ("acc_after", pa.float64()),  # top-1 (fraction) on the eval split after fine-tuning
     ("init_r2", pa.float64()),  # variance of the target representation explained by the LS fit
-    ("latency_ms", pa.float64()),  # median ms per forward pass of latency_batch images
+    ("latency_ms", pa.float64()),  # measured: median ms per forward pass of latency_batch images (NaN: not timed)
+    ("latency_pred_ms", pa.float64()),  # predicted from the cache's latency profile (NaN: no profile for this device)
     ("latency_batch", pa.int64()),
     ("latency_device", pa.string()),
     ("bucket", pa.int64()),

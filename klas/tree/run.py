@@ -25,6 +25,8 @@ from klas.cache import open_cache
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT, DirLock, claim_dir, clear_dir, read_json, write_json_atomic
 from klas.run import open_run_cache
+from klas.models import device_identity
+from klas.stitch.latency import find_profile
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
 from klas.term import make_console
@@ -212,10 +214,30 @@ def evaluate_trees(cache, names: list[str], trees: dict[int, StitchTree], own: d
     return {"accuracy": acc, "fidelity": fid, "reference": ref, "latency_ms": lat}
 
 
+def predicted_ms(cache, names: list[str], plan: Plan, floor: str, cfg: TreeConfig,
+                 device: torch.device) -> dict[str, float]:
+    """Latency predicted from the cache's profile for this device at ``latency_batch`` (:mod:`klas.stitch.latency`):
+    ``tree:{s}`` per tree, ``single`` (the floor) and ``all`` (every model of ``names`` on its own); {} without
+    a profile."""
+    if not cfg.latency:
+        return {}
+    try:
+        profile = find_profile(cache.path, cache.fingerprint, device_identity(device, cache.manifest.get("amp")),
+                               cfg.latency_batch)
+    except KlasError:
+        return {}
+    profiles = cache.profiles
+    pred = {f"tree:{t.share}": profile.tree_ms(profiles, t.trunk, t.share, t.branches, cfg.layer) for t in plan.specs}
+    pred["single"] = profile.route_ms(profiles, floor)
+    pred["all"] = math.fsum(profile.route_ms(profiles, n) for n in names)
+    return pred
+
+
 def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: TreeConfig) -> tuple[list[dict], dict]:
     """One row per share point and the reference systems (floor, ceiling), for ``tree.json``. ``acc`` and
     ``recovered`` are on the eval split, ``acc_score`` and ``recovered_score`` on the score split."""
     profiles, acc, lat, ref = {n: cache.profiles[n] for n in names}, ev["accuracy"], ev["latency_ms"], ev["reference"]
+    pred = ev.get("latency_pred_ms", {})
     floor, ceiling = ref["floor"], ref["ceiling"]
     score = {c["share"]: c["score"] for c in plan.candidates}
     rows = []
@@ -227,15 +249,16 @@ def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: Tr
             "cost_parts": cost, "extra_cost": cost["macs"] / cost["largest_macs"] - 1, "score": score.get(s),
             "acc": a["eval"], "recovered": recovered_gain(a["eval"], floor["eval"], ceiling["eval"]),
             "acc_score": a["score"], "recovered_score": recovered_gain(a["score"], floor["score"], ceiling["score"]),
-            "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "fit_r2": fits[s].fit_r2,
-            "history": fits[s].history, "checkpoint_sha256": _weights_sha256(fits[s].net),
+            "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "latency_pred_ms": pred.get(f"tree:{s}"),
+            "fit_r2": fits[s].fit_r2, "history": fits[s].history, "checkpoint_sha256": _weights_sha256(fits[s].net),
         })
     largest = ref["largest"]["macs"]
     reference = {
         "floor": {"model": floor["model"], "macs": floor["macs"], "acc": floor["eval"], "acc_score": floor["score"],
-                  "latency_ms": lat.get("single"), "extra_cost": floor["macs"] / largest - 1},
+                  "latency_ms": lat.get("single"), "latency_pred_ms": pred.get("single"),
+                  "extra_cost": floor["macs"] / largest - 1},
         "ceiling": {"models": names, "macs": ceiling["macs"], "acc": ceiling["eval"], "acc_score": ceiling["score"],
-                    "latency_ms": lat.get("all"), "extra_cost": ceiling["extra_cost"]},
+                    "latency_ms": lat.get("all"), "latency_pred_ms": pred.get("all"), "extra_cost": ceiling["extra_cost"]},
         "largest": ref["largest"],
         "singles": {n: {"macs": profiles[n].macs, "acc": acc["eval"][single_key(n)],
                         "acc_score": acc["score"][single_key(n)]} for n in names},
@@ -300,6 +323,7 @@ def _run_locked(cache, run_dir: Path, plan: Plan, cfg: TreeConfig, prepared: Pre
     console.print(f"evaluating {len(fits)} trees on the score and eval splits ...")
     trees = {s: StitchTree.from_net(f.net, spec).eval() for (s, f), spec in zip(fits.items(), plan.specs)}
     ev = evaluate_trees(cache, names, trees, own, data, cfg, device)
+    ev["latency_pred_ms"] = predicted_ms(cache, names, plan, ev["reference"]["floor"]["model"], cfg, device)
     rows, reference = tree_rows(cache, names, plan, fits, ev, cfg)
     manifest = {
         "format": FORMAT, "cache": {"path": str(cache.path), "fingerprint": cache.fingerprint},
@@ -363,12 +387,15 @@ def tradeoff_table(manifest: dict, title: str) -> Table:
     t = Table(title=f"{title}, trunk {manifest['trunk']}",
               caption=f"{FLOPS_CONVENTION}. extra: cost over the largest single model ({ref['largest']['model']}). "
                       f"top-1: linear classifier on the concatenated features (eval split). fidelity per branch: "
-                      f"cosine to the model's own features; branch top-1 / model top-1 (%).")
-    for col in ("share", "branches", "GFLOPs", "extra", "top-1 %", "recovered", "fidelity", "ms"):
+                      f"cosine to the model's own features; branch top-1 / model top-1 (%). ms: measured per batch "
+                      f"(in brackets: predicted from the cache's latency profile).")
+    for col in ("share", "branches", "GFLOPs", "extra", "top-1 %", "recovered", "fidelity", "ms (pred)"):
         t.add_column(col, justify="left" if col in ("share", "branches", "fidelity") else "right", overflow="fold")
 
-    def ms(v):
-        return "" if v is None else f"{v:.1f}"
+    def ms(r):
+        """Measured ms, the profile's prediction in brackets."""
+        got, pred = r.get("latency_ms"), r.get("latency_pred_ms")
+        return " ".join(x for x in ("" if got is None else f"{got:.1f}", "" if pred is None else f"({pred:.1f})") if x)
 
     for r in sorted(manifest["trees"], key=lambda r: r["macs"]):
         spec = r["spec"]
@@ -376,12 +403,12 @@ def tradeoff_table(manifest: dict, title: str) -> Table:
                         for n, f in r["fidelity"].items() if n != spec["trunk"])
         rec = "" if r["recovered"] is None or not math.isfinite(r["recovered"]) else f"{100 * r['recovered']:.1f}%"
         t.add_row(str(r["share"]), ", ".join(f"{b['model']}@{b['cut']}" for b in spec["branches"]), f"{r['gflops']:.4f}",
-                  f"{100 * r['extra_cost']:+.1f}%", f"{100 * r['acc']:.2f}", rec, fid, ms(r.get("latency_ms")))
+                  f"{100 * r['extra_cost']:+.1f}%", f"{100 * r['acc']:.2f}", rec, fid, ms(r))
     f, c = ref["floor"], ref["ceiling"]
     t.add_row("floor", f"{f['model']} alone", f"{f['macs'] / 1e9:.4f}", f"{100 * f['extra_cost']:+.1f}%",
-              f"{100 * f['acc']:.2f}", "0%", "", ms(f.get("latency_ms")))
+              f"{100 * f['acc']:.2f}", "0%", "", ms(f))
     t.add_row("ceiling", f"all {len(c['models'])} models", f"{c['macs'] / 1e9:.4f}", f"{100 * c['extra_cost']:+.1f}%",
-              f"{100 * c['acc']:.2f}", "100%", "", ms(c.get("latency_ms")))
+              f"{100 * c['acc']:.2f}", "100%", "", ms(c))
     return t
 
 
