@@ -142,7 +142,7 @@ class CacheConfig(_Checks):
             object.__setattr__(self, "splits", splits)
         self._int("batch_size", 1)
         if self.limit is not None:
-            self._int("limit", 1)
+            self._int("limit", 1, " of images per split")
         size = (self.preprocess or {}).get("input_size")
         if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
             raise KlasError(f"--input-size must be a positive whole number of pixels, got {list(size)[-1]!r}")

@@ -30,11 +30,12 @@ class Settings:
 
     _what = "option"  # "unknown training option(s) ..." in with_overrides
 
-    def _int(self, name: str, minimum: int | None) -> None:
+    def _int(self, name: str, minimum: int | None, unit: str = "") -> None:
         v = getattr(self, name)
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (minimum is not None and v < minimum):
-            what = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise KlasError(f"{flag(name)} must be {what}, got {v!r}")
+            what = ("a whole number" if minimum is None else "a positive whole number" if minimum == 1
+                    else f"a whole number >= {minimum}")
+            raise KlasError(f"{flag(name)} must be {what}{unit}, got {v!r}")
         object.__setattr__(self, name, int(v))
 
     def _number(self, name: str, rule: str, ok: Callable[[float], bool]) -> None:

@@ -228,7 +228,7 @@ def export_pareto(
     wanted = [(r, f"models/{safe_name(r['id'])}") for r in fronts[axis]] if models else []
     wanted += [(r, f"best-under-{b.label}") for b, r in picks]
     with atomic_dir(run_dir / EXPORT, overwrite=True) as tmp:
-        written, result.onnx = (_export_models(run_dir, train_info, wanted, tmp, onnx, device, root or DEFAULT_ROOT,
+        written, result.onnx = (_export_models(run_dir, selection, train_info, wanted, tmp, onnx, device, root or DEFAULT_ROOT,
                                                console) if wanted else ({}, {}))
         result.models = {r["id"]: d for r, d in wanted[:len(wanted) - len(picks)]}
         result.best = [{"budget": b.show(), "axis": b.axis, "row": r, "artifact": d}
@@ -290,7 +290,7 @@ def _trained_on(run_dir: Path, selection: dict) -> dict:
     return info
 
 
-def _export_models(run_dir, train_info, wanted, out_dir, onnx, device, root, console):
+def _export_models(run_dir, selection, train_info, wanted, out_dir, onnx, device, root, console):
     """Rebuild the ``wanted`` networks (row, directory relative to ``out_dir``) from the cache + final
     checkpoint and save each one; ``models/index.json`` lists those under ``models/``."""
     import torch
