@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The suite in TEST_JOBS processes (pytest-xdist; one test file per process at a time), the slowest
+# tests listed at the end.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=10
 
 # The demo: train (or reuse) the digits model family, then the four klas stages on its ViTs. The
 # search has no budget, so the selection spans the whole family (klas_vit_ti .. klas_vit_b), and

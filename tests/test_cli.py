@@ -94,7 +94,7 @@ def test_train_flags_map_one_to_one_onto_train_config(capsys, monkeypatch, tmp_p
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and re.search(msg, err), err
 
 
-def test_tables_keep_whole_names_when_output_is_not_a_terminal():
+def test_tables_keep_whole_names_when_output_is_not_a_terminal(monkeypatch):
     """Piped or redirected, rich would lay tables out for 80 columns and squeeze names to 'klas_vi…'."""
     import io
     import os
@@ -108,6 +108,7 @@ def test_tables_keep_whole_names_when_output_is_not_a_terminal():
         table.add_column(col)
     route = "klas_vit_ti[0..4] -> klas_vit_s[4..5]"
     table.add_row(route, "0.0030", "0.17M", "0.6544", "2.605", "1", "60.1", "77.5", "10.04")
+    monkeypatch.delenv("COLUMNS", raising=False)  # (an earlier test in this process may have set it)
     buf = io.StringIO()
     make_console(file=buf).print(table)
     assert route in buf.getvalue()
