@@ -1,8 +1,16 @@
 """Shared test fixtures."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers start with COLUMNS=80 and LINES=24 (execnet's terminal emulation); klas's
+    # output (its consoles, and the klas commands tests run) must see the environment a user's shell has.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 @pytest.fixture
