@@ -29,6 +29,7 @@ from rich.table import Table
 
 from klas.cache import build_cache
 from klas.search import search
+from klas.term import make_console
 from klas.train.latency import check_predictor
 from klas.utils import DEFAULT_ROOT, package_versions
 
@@ -75,7 +76,7 @@ def main() -> None:
         args.limit, args.repeats, args.networks = 16, 3, 8
         for spec in families.values():
             spec["models"], spec["batches"] = spec["models"][:2], [1]
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     rows = []
     for name, spec in families.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +96,9 @@ def main() -> None:
     for r in rows:
         table.add_row(r["family"], str(r["batch"]), str(r["networks"]), f"{100 * r['median_abs_rel_error']:.1f}%",
                       f"{100 * r['worst_abs_rel_error']:.1f}%")
-    Console().print(table)
-    Console().print(f"written to {RESULTS}")
+    out = make_console()
+    out.print(table)
+    out.print(f"written to {RESULTS}")
 
 
 if __name__ == "__main__":

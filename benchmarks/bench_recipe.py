@@ -7,8 +7,8 @@ cache/runs/demo-vit``, no budget, so the selection spans klas_vit_ti to klas_vit
 copies its ``selection.json`` into a run of its own under ``--work`` and trains it with
 :func:`klas.train.train_run` from the same start (same seed: the same least-squares images, data
 order and route sequence wherever the recipe allows). Each variant changes one thing against
-``base`` (anchors fine-tuned jointly and sampled as routes, ``ce``, linear stitches, least squares on
-100 images, 5 epochs, lr 1e-3).
+``base``, ``klas train``'s defaults (anchors fine-tuned jointly at 0.1x the lr and sampled as routes,
+``ce``, linear stitches, least squares on 100 images, 5 epochs, lr 3e-3).
 
 Choosing uses the **score** split only: after training, :func:`klas.train.trained_net` rebuilds the
 evaluated network and :func:`klas.train.evaluate_all` measures it on the cached score split; the
@@ -41,26 +41,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from klas.metrics import hypervolume, pareto_front  # noqa: E402
 from klas.run import SELECTION, claim_run, open_run_cache, read_selection  # noqa: E402
 from klas.stitch.network import StitchNet  # noqa: E402
+from klas.term import make_console  # noqa: E402
 from klas.train import SplitData, TrainConfig, evaluate_all, read_results, train_run, trained_net  # noqa: E402
 from klas.utils import DEFAULT_ROOT, FLOPS_CONVENTION, package_versions, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-BASE = dict(full_tune=True, loss="ce", layer="linear", init_images=100, epochs=5, lr=1e-3)
+#: ``klas train``'s defaults (TrainConfig): joint training with anchor routes, ``ce``, the selection's stitch
+#: layer (linear), least squares on 100 images, 5 epochs, lr 3e-3, anchors at 0.1x.
+BASE: dict = {}
 #: name -> (what changes against BASE, overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {  # in order of importance: a partial study keeps the first ones
-    "frozen": ("anchors frozen (stitch layers only)", dict(full_tune=False)),
-    "base": ("full-tune + anchor routes, ce, linear, LS 100, 5 ep, lr 1e-3", {}),
+    "base": ("klas train's defaults (joint, anchor routes, ce, linear, LS 100, 5 ep, lr 3e-3)", {}),
+    "epochs-10": ("10 epochs", dict(epochs=10)),
     "ce+distill": ("ce + distill (largest anchor)", dict(loss="ce=1,distill=1", teacher="largest")),
-    "lr-3e-3": ("lr 3e-3", dict(lr=3e-3)),
+    "distill": ("distill from the largest anchor", dict(loss="distill", teacher="largest")),
+    "anchor-lr-0.03": ("anchors at 0.03x the lr (0.1x)", dict(anchor_lr_scale=0.03)),
+    "lr-1e-2": ("lr 1e-2", dict(lr=1e-2)),
+    "mlp": ("mlp stitch layer", dict(layer="mlp")),
+    "frozen": ("anchors frozen (stitch layers only)", dict(full_tune=False)),
+    "lr-1e-3": ("lr 1e-3", dict(lr=1e-3)),
     "epochs-2": ("2 epochs", dict(epochs=2)),
     "ls-1000": ("least squares on 1000 images", dict(init_images=1000)),
-    "mlp": ("mlp stitch layer", dict(layer="mlp")),
     "lora": ("lora stitch layer (rank 8)", dict(layer="lora")),
-    "distill": ("distill from the largest anchor", dict(loss="distill", teacher="largest")),
     "ffm->ce": ("2 epochs ffm, then ce (Mai et al.)", dict(first_loss="ffm", first_epochs=2)),
     "no-anchor-routes": ("full-tune, anchors not sampled as routes", dict(anchor_routes=False)),
-    "epochs-10": ("10 epochs", dict(epochs=10)),
+    "bucket": ("bucket sampling", dict(sampling="bucket")),
 }
 QUICK = dict(epochs=2, steps_per_epoch=3, init_images=32, batch_size=16, eval_batch_size=64)
 QUICK_VARIANTS = ("frozen", "base", "ce+distill")
@@ -147,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = {"run": str(args.run), "base": base, "variants": {}, "flops": FLOPS_CONVENTION,
               "choice": "highest hypervolume on the score split; eval split reported only",
               "original_anchors": refs}
-    console = Console()
+    console = make_console()
     out = args.out or RESULTS / ("recipe.quick.json" if args.quick else "recipe.json")
     if args.add:
         report["variants"] = earlier_variants(out, report)

@@ -34,8 +34,8 @@ def test_bench_recipe_quick(fake, tmp_path):
     # --add keeps the earlier variants (same run, same base) and adds the new one
     before = saved["variants"]
     main(["--run", str(run), "--quick", "--work", str(tmp_path / "work"), "--out", str(out), "--add",
-          "--variants", "lr-3e-3"])
+          "--variants", "lr-1e-3"])
     added = json.loads(out.read_text())
-    assert set(added["variants"]) == {"frozen", "base", "ce+distill", "lr-3e-3"}
+    assert set(added["variants"]) == {"frozen", "base", "ce+distill", "lr-1e-3"}
     assert all(added["variants"][k] == before[k] for k in before)
-    assert added["variants"]["lr-3e-3"]["overrides"] == {"lr": 3e-3}
+    assert added["variants"]["lr-1e-3"]["overrides"] == {"lr": 1e-3}
