@@ -21,6 +21,7 @@ from rich.table import Table
 from klas.config import DEFAULT_LATENCY_BATCH, CacheConfig, SearchConfig, format_budget, parse_batches, parse_budget
 from klas.errors import KlasError
 from klas.fs import DEFAULT_ROOT, DiskFull, format_bytes, is_disk_full
+from klas.process import keep_freed_memory
 from klas.term import make_console
 from klas.units import FLOPS_CONVENTION, GFLOPS_NOTE, macs_to_gflops
 
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: KlasError and usage errors -> one line on stderr, exit 2; a full disk
     (:class:`klas.fs.DiskFull`, or an ENOSPC no klas writer caught) too, with how to continue."""
     args = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()  # klas/process.py: 224-px batches no longer page-fault on every forward pass
     try:
         rc = app(args=argv, prog_name="klas", standalone_mode=False)
     except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare ``klas``, ``klas export``: help, exit 0

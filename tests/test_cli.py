@@ -116,3 +116,20 @@ def test_tables_keep_whole_names_when_output_is_not_a_terminal(monkeypatch):
     done = subprocess.run([sys.executable, "-c", "from klas.cli import out, err; print(out.width, err.width)"],
                           capture_output=True, text=True, env=env)
     assert done.stdout.split() == [str(LOG_WIDTH)] * 2, done.stderr
+
+
+def test_the_klas_command_keeps_freed_memory_for_reuse(monkeypatch):
+    """klas/process.py: on glibc the command raises malloc's mmap/trim thresholds before any work (224-px
+    batches otherwise page-fault on every forward pass); elsewhere it changes nothing and says so."""
+    import platform
+
+    from klas import cli
+    from klas.process import keep_freed_memory
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls == [1]
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc

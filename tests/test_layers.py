@@ -14,7 +14,7 @@ ROOT = Path(klas.__file__).parent
 RANK = {
     "errors": 0, "units": 0,
     "klas": 1,  # klas/__init__.py: the version and KlasError
-    "fs": 1, "settings": 1, "term": 1,
+    "fs": 1, "settings": 1, "term": 1, "process": 1,
     "config": 1.5,  # CacheConfig, SearchConfig and the option vocabularies: torch-free, read by the CLI
     "utils": 2, "optim": 2, "metrics": 2,
     "models": 3, "data": 3,

@@ -4,6 +4,8 @@
   synchronised around each (CUDA), so a call's time is its whole work.
 * :func:`part_times`: stem, every block and the head of an adapter, timed inside whole forward passes
   (each part on the real output of the one before), median per part: what a latency profile records.
+* :func:`warm_up`: untimed calls until the device is warm (at least :data:`WARMUP_SECONDS`): a CPU
+  coming from other work ran the first networks it timed 20-30 % slow after one warm-up pass each.
 * :func:`device_identity`: which device, threads, torch and dtype a measurement belongs to; a
   latency profile is used only where it matches.
 """
@@ -13,7 +15,7 @@ import functools
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -24,9 +26,25 @@ from klas.optim import autocast
 IDENTITY_KEYS = ("type", "name", "threads", "dtype")
 
 
+#: How long :func:`warm_up` keeps calling before anything is timed.
+WARMUP_SECONDS = 0.3
+
+
 def _sync(device: torch.device) -> Callable[[], None]:
     device = torch.device(device)
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def warm_up(fns: Sequence[Callable[[], Any]], *, device: torch.device, seconds: float = WARMUP_SECONDS) -> float:
+    """Call every function of ``fns`` once, then keep cycling through them until ``seconds`` have passed
+    (thread pools, clocks and caches settle); returns the seconds it took."""
+    sync, t0 = _sync(device), time.perf_counter()
+    while True:
+        for fn in fns:
+            fn()
+        sync()
+        if time.perf_counter() - t0 >= seconds:
+            return time.perf_counter() - t0
 
 
 def median_ms(fn: Callable[[], Any], *, device: torch.device, repeats: int, warmup: int = 1) -> float:
@@ -45,9 +63,11 @@ def median_ms(fn: Callable[[], Any], *, device: torch.device, repeats: int, warm
 @torch.inference_mode()
 def part_times(adapter: Adapter, x: torch.Tensor, *, device: torch.device, amp_dtype: torch.dtype | None = None,
                repeats: int, warmup: int = 1) -> dict[str, Any]:
-    """``{"stem": ms, "blocks": [ms, ...], "head": ms}``: median ms of each part over ``repeats`` whole
-    forward passes of the batch ``x`` (after ``warmup`` passes), each part timed on the real output of
-    the part before it, the device synchronised between parts."""
+    """``{"stem": ms, "blocks": [ms, ...], "head": ms, "forward": ms}``: median ms of each part over
+    ``repeats`` whole forward passes of the batch ``x`` (after ``warmup`` passes), each part timed on the
+    real output of the part before it, the device synchronised between parts; ``forward`` is the median
+    of the passes' totals, which the sum of the parts' medians understates when a pass's parts vary
+    (:class:`klas.stitch.latency.LatencyProfile` scales the parts to it)."""
     was = adapter.training
     adapter.eval()
     sync = _sync(device)
@@ -66,7 +86,7 @@ def part_times(adapter: Adapter, x: torch.Tensor, *, device: torch.device, amp_d
                 runs.append(times)
     adapter.train(was)
     med = [float(statistics.median(col)) for col in zip(*runs)]
-    return {"stem": med[0], "blocks": med[1:-1], "head": med[-1]}
+    return {"stem": med[0], "blocks": med[1:-1], "head": med[-1], "forward": float(statistics.median(map(sum, runs)))}
 
 
 @functools.lru_cache(maxsize=1)

@@ -12,8 +12,11 @@ torch version (:func:`klas.models.timing.device_identity`).
 **Predictor**: a stitch ``a[0..src_cut-1] -> b[dst_cut..]`` takes ``a``'s stem and blocks
 ``0..src_cut-1`` + its stitch module + ``b``'s blocks ``dst_cut..`` and head; an anchor its stem,
 blocks and head; a Stitch Tree its trunk prefix + the trunk's suffix + every other branch's stitch
-module and suffix. Each prediction is the exactly rounded sum (``math.fsum``) of the recorded parts
-(:meth:`LatencyProfile.route_parts`), so it is the same whichever order the parts come in.
+module and suffix. Each model's parts are scaled by one factor, its whole forward pass (the median of
+the timed passes' totals) over the sum of its parts' medians: a median per part leaves out the
+variation between passes, which made the plain sum 5-10 % low on small networks, so an anchor's
+prediction is its measured forward pass. Each prediction is the exactly rounded sum (``math.fsum``)
+of the scaled parts (:meth:`LatencyProfile.route_parts`), so it is the same whichever order they come in.
 
 A profile predicts only for the device, threads and dtype it was measured on, and the batch size:
 :func:`find_profile` refuses any other in one line naming the fix (``klas cache --out CACHE`` on this
@@ -32,12 +35,12 @@ from torch import Tensor
 
 from klas.errors import KlasError
 from klas.fs import write_json_atomic
-from klas.models import Adapter, Profile, Rep, describe_device, median_ms, part_times, same_device
+from klas.models import Adapter, Profile, Rep, describe_device, median_ms, part_times, same_device, warm_up
 from klas.optim import autocast
 from klas.stitch.bridge import make_stitch
 
 FILE = "latency.json"
-FORMAT = "klas.latency/1"
+FORMAT = "klas.latency/2"  # /2: every model records "forward" (/1 profiles are re-measured)
 STATISTIC = "median ms per forward pass of one batch"
 
 
@@ -81,7 +84,7 @@ class LatencyProfile:
     device: dict[str, Any]
     batch: int
     repeats: int
-    models: dict[str, dict[str, Any]]  # name -> {"stem": ms, "blocks": [ms, ...], "head": ms}
+    models: dict[str, dict[str, Any]]  # name -> {"stem": ms, "blocks": [ms, ...], "head": ms, "forward": ms}
     stitches: dict[str, float]  # stitch_key -> ms
     seconds: float = 0.0  # how long measuring took
     statistic: str = STATISTIC
@@ -93,15 +96,21 @@ class LatencyProfile:
                             f"re-run klas cache --out CACHE on this device")
         return self.models[name]
 
-    def prefix_parts(self, name: str, cut: int) -> list[float]:
-        """The recorded ms of the stem and blocks ``0..cut-1`` of ``name``."""
+    def scale(self, name: str) -> float:
+        """``name``'s whole forward pass over the sum of its parts' medians (1.0 when they sum to 0)."""
         m = self._model(name)
-        return [m["stem"], *m["blocks"][:cut]]
+        parts = math.fsum([m["stem"], *m["blocks"], m["head"]])
+        return m["forward"] / parts if parts > 0 else 1.0
+
+    def prefix_parts(self, name: str, cut: int) -> list[float]:
+        """The ms of the stem and blocks ``0..cut-1`` of ``name`` (recorded, times :meth:`scale`)."""
+        m, f = self._model(name), self.scale(name)
+        return [f * v for v in (m["stem"], *m["blocks"][:cut])]
 
     def suffix_parts(self, name: str, cut: int) -> list[float]:
-        """The recorded ms of blocks ``cut..n-1`` and the head of ``name``."""
-        m = self._model(name)
-        return [*m["blocks"][cut:], m["head"]]
+        """The ms of blocks ``cut..n-1`` and the head of ``name`` (recorded, times :meth:`scale`)."""
+        m, f = self._model(name), self.scale(name)
+        return [f * v for v in (*m["blocks"][cut:], m["head"])]
 
     def stitch_ms(self, kind: str, src: Rep, dst: Rep) -> float:
         key = stitch_key(kind, src, dst)
@@ -149,7 +158,8 @@ class LatencyProfile:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LatencyProfile":
         return cls(dict(d["device"]), int(d["batch"]), int(d["repeats"]),
-                   {k: {"stem": float(v["stem"]), "blocks": [float(b) for b in v["blocks"]], "head": float(v["head"])}
+                   {k: {"stem": float(v["stem"]), "blocks": [float(b) for b in v["blocks"]], "head": float(v["head"]),
+                        "forward": float(v["forward"])}
                     for k, v in d["models"].items()},
                    {k: float(v) for k, v in d["stitches"].items()}, float(d.get("seconds", 0.0)),
                    str(d.get("statistic", STATISTIC)))
@@ -166,16 +176,18 @@ def measure_profile(models: Mapping[str, Adapter], profiles: Mapping[str, Profil
                     kinds: Sequence[str], seed: int = 0, on_step: Callable[[int, int], None] | None = None) -> LatencyProfile:
     """Measure one :class:`LatencyProfile`: every model's parts on a random batch of ``batch`` images at its
     profiled input size, and every stitch module of :func:`stitch_shapes` on a random batch of its source
-    representation (one warm-up, median of ``repeats``)."""
+    representation (median of ``repeats``, after the models ran together for :func:`klas.models.warm_up`'s
+    time and each item once more)."""
     t0 = time.perf_counter()
     shapes = stitch_shapes(profiles, kinds)
     steps = len(models) + len(shapes)
     g = torch.Generator().manual_seed(seed)
     done = 0
     timed: dict[str, dict[str, Any]] = {}
+    inputs = {name: torch.randn((batch, *profiles[name].input_size), generator=g).to(device) for name in models}
+    _warm_models(models, inputs, device, amp_dtype)
     for name, adapter in models.items():
-        x = torch.randn((batch, *profiles[name].input_size), generator=g).to(device)
-        timed[name] = part_times(adapter, x, device=device, amp_dtype=amp_dtype, repeats=repeats)
+        timed[name] = part_times(adapter, inputs[name], device=device, amp_dtype=amp_dtype, repeats=repeats)
         done += 1
         if on_step:
             on_step(done, steps)
@@ -189,6 +201,20 @@ def measure_profile(models: Mapping[str, Adapter], profiles: Mapping[str, Profil
             if on_step:
                 on_step(done, steps)
     return LatencyProfile(identity, int(batch), int(repeats), timed, stitches, time.perf_counter() - t0)
+
+
+def _warm_models(models: Mapping[str, Adapter], inputs: Mapping[str, Tensor], device: torch.device,
+                 amp_dtype: torch.dtype | None) -> None:
+    """Whole forward passes of every model in eval mode (:func:`klas.models.warm_up`); modes restored."""
+    modes = {n: a.training for n, a in models.items()}
+    try:
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            for a in models.values():
+                a.eval()
+            warm_up([lambda a=a, x=inputs[n]: a.head(a.run_blocks(a.stem(x))) for n, a in models.items()], device=device)
+    finally:
+        for n, a in models.items():
+            a.train(modes[n])
 
 
 def measure_steps(profiles: Mapping[str, Profile], kinds: Sequence[str]) -> int:

@@ -174,7 +174,7 @@ def bare_throughput(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, devi
     return {"macs_per_s": macs / max(wall, 1e-12), "macs_per_cpu_s": macs / max(cpu, 1e-12)}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as klas.stitch.latency's profiles are timed
 def measure_latency(
     model: torch.nn.Module,
     x: torch.Tensor,

@@ -3,7 +3,8 @@
 * Which networks are timed (``--latency``): ``front`` (default) the anchors and those on the GFLOPs
   front or on the predicted-latency front of the trained accuracies (the best network under a budget
   on either axis is one of them, as far as the prediction ranks latency right), ``all``, or ``off``.
-* How: every model the timed networks use runs one warm-up forward pass on the batch; then each
+* How: the models the timed networks use run untimed forward passes on the batch for at least
+  :data:`klas.models.timing.WARMUP_SECONDS` (:func:`klas.models.warm_up`); then each
   network is timed ``repeats`` times and the median kept (:func:`klas.models.median_ms`), on the
   device and under the cache's ``--amp`` (the dtype its latency profile was measured in).
 * The prediction: the cache's latency profile for this device and batch (:mod:`klas.stitch.latency`),
@@ -21,7 +22,7 @@ import torch
 
 from klas.errors import KlasError
 from klas.metrics import pareto_front
-from klas.models import device_identity, median_ms
+from klas.models import device_identity, median_ms, warm_up
 from klas.optim import AMP_DTYPES, autocast
 from klas.stitch.latency import LatencyProfile, find_profile
 from klas.stitch.network import StitchNet
@@ -92,11 +93,11 @@ def _models_of(net: StitchNet, ids: Sequence[str]) -> list[str]:
     return [n for n in net.anchor_names if n in used]
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the profile's parts were timed (no_grad's bookkeeping is 10-20 % at batch 1 here)
 def time_networks(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, device: torch.device, amp: str | None,
                   repeats: int, on_done=None) -> tuple[dict[str, float], float]:
-    """Median ms per forward pass of ``x`` of each network: one warm-up per model, then ``repeats`` timed
-    runs per network. Returns the times and the seconds the warm-ups took."""
+    """Median ms per forward pass of ``x`` of each network: the models it uses warmed up together
+    (:func:`klas.models.warm_up`), then ``repeats`` timed runs per network. Returns the times and the seconds the warm-ups took."""
     if not ids:
         return {}, 0.0
     was = net.training
@@ -105,8 +106,7 @@ def time_networks(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, device
     dtype = AMP_DTYPES.get(amp)
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        for name in _models_of(net, ids):
-            net.model(name)(x)
+        warm_up([lambda m=net.model(name): m(x) for name in _models_of(net, ids)], device=device)
         warm = time.perf_counter() - t0
         out = {}
         for i in ids:
