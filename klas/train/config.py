@@ -68,8 +68,8 @@ class TrainConfig(Settings):
       this many epochs of this invocation, leaving a checkpoint to resume.
     * ``eval_batch_size`` (EVAL_BATCH_SIZE); ``latency`` ("front": time the networks on the GFLOPs front or
       on the predicted-latency front; "all"; "off"; True / False read as "front" / "off"),
-      ``latency_batch`` (1 image), ``latency_repeats`` (5): median ms of that many timed runs, after one
-      warm-up per model, on the device and under the cache's ``--amp`` (the dtype its latency profile
+      ``latency_batch`` (1 image), ``latency_repeats`` (5): median ms of that many timed runs, after a
+      shared warm-up of the models used (:func:`klas.models.warm_up`), on the device and under the cache's ``--amp`` (the dtype its latency profile
       was measured in, :mod:`klas.stitch.latency`), with the profile's prediction beside it.
     * ``amp`` ("auto": bf16, else fp16, on CUDA, off on CPU; "bf16" / "fp16" on CPU too, through torch's
       CPU autocast; see :func:`klas.optim.parse_amp`),

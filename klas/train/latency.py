@@ -121,8 +121,8 @@ def time_networks(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, device
 def check_predictor(run_dir, *, batch: int, repeats: int, device: str | None = None, root=None,
                     limit: int | None = None, on_done=None) -> LatencyReport:
     """The predictor against the clock on every network of a searched run (its selected stitches and
-    anchors; the first ``limit`` by cost when given): each timed as ``klas train`` times it (one warm-up
-    per model, median of ``repeats``) on a random batch of ``batch`` images, beside its prediction
+    anchors; the first ``limit`` by cost when given): each timed as ``klas train`` times it (a shared
+    warm-up, median of ``repeats``) on a random batch of ``batch`` images, beside its prediction
     from the cache's profile for this device and batch (refused in one line when there is none).
     Latency does not depend on the weights, so the stitch layers are left untrained."""
     from pathlib import Path

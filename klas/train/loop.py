@@ -567,7 +567,7 @@ def _latency_manifest(ctx: RunContext, rows: list[dict], report: LatencyReport) 
         return None
     return {"mode": cfg.latency, "batch": rows[0]["latency_batch"], "device": report.device,
             "dtype": (report.device or {}).get("dtype"), "repeats": cfg.latency_repeats,
-            "statistic": "median ms per forward pass of one batch (one warm-up per model)",
+            "statistic": "median ms per forward pass of one batch (after a shared warm-up of the models used)",
             "measured": len(report.measured), "networks": len(rows), "warmup_s": round(report.warmup_seconds, 3),
             "profile": report.profile, "predictor_error": report.summary()}
 
