@@ -64,7 +64,8 @@ def test_bench_quality_quick_random_init_agrees_with_klas(tmp_path):
     # the selections are what klas search writes for each strategy (at its own count; K moves τ / the window)
     cache = tmp_path / "work" / "custom" / "cache"
     for strategy, score in (("klas", "theta"), ("cka", "gamma")):
-        res = search(cache, tmp_path / f"run-{strategy}", strategy=strategy, score=score, buckets=cfg["buckets"],
+        res = search(cache, tmp_path / f"run-{strategy}", strategy=strategy, buckets=cfg["buckets"],
+                     **({"score": score} if strategy == "klas" else {}),
                      tau=cfg["tau"], direction="both", seed=cfg["seed"], console=Console(file=io.StringIO()),
                      progress=False)
         own = {s["id"] for s in res.selection["stitches"]}

@@ -105,7 +105,7 @@ def test_every_strategy_selects_within_the_budget(vit_cache, tmp_path, strategy)
     ({"probe_target": "teacher"}, "--probe-target"),
     ({"layer": "conv"}, "stitch layer"),
     ({"score": "cka"}, "--score"),
-    ({"score": "theta", "strategy": "snnet"}, "--score theta ranks klas"),
+    ({"score": "gamma", "strategy": "snnet"}, "--score gamma ranks klas"),
 ])
 def test_bad_settings_name_their_flag_before_any_work(vit_cache, tmp_path, no_probe_training, settings, flag):
     with pytest.raises(KlasError, match=flag) as err:
@@ -114,20 +114,21 @@ def test_bad_settings_name_their_flag_before_any_work(vit_cache, tmp_path, no_pr
     assert not (tmp_path / "run").exists()
 
 
-def test_score_theta_selects_by_theta_alone(vit_cache, default_run, tmp_path):
-    """``--score theta``: the same probes and Θ, the bucket rule applied to Θ instead of Γ; the choice is
-    recorded in selection.json and its inputs hash, while a default run's inputs stay as before."""
+def test_the_default_score_is_theta_alone_and_gamma_is_the_papers(vit_cache, default_run, tmp_path):
+    """The default (``--score theta``, chosen by benchmarks/bench_quality.py): the bucket rule applied to Θ,
+    recorded in selection.json and its inputs hash; ``--score gamma`` (the paper's Γ) is the same probes and
+    Θ ranked by Γ, and its inputs hash is what every run had before Θ became the default."""
     from klas.select import select
     from klas.stitch.candidates import anchors, enumerate_stitches
     from klas.cache import open_cache
 
     said = io.StringIO()
-    res = run_search(vit_cache, tmp_path / "theta", score="theta", console=Console(file=said, width=200))
-    assert "klas ranks the candidates by Θ alone (--score theta)" in said.getvalue()  # says which score it used
-    sel, default = read_selection(res.run_dir), read_selection(default_run.run_dir)
-    assert sel["score"] == "theta" and "score" not in default and sel["inputs"] != default["inputs"]
-    rows = {r["id"]: r for r in res.rows}
-    assert ({r["id"]: r["theta"] for r in default_run.rows if r["kind"] == "stitch"}
+    res = run_search(vit_cache, tmp_path / "gamma", score="gamma", console=Console(file=said, width=200))
+    assert "klas ranks the candidates by Γ = Θ / Σ (the paper's) (--score gamma)" in said.getvalue()
+    paper, sel = read_selection(res.run_dir), read_selection(default_run.run_dir)
+    assert sel["score"] == "theta" and "score" not in paper and sel["inputs"] != paper["inputs"]
+    rows = {r["id"]: r for r in default_run.rows}
+    assert ({r["id"]: r["theta"] for r in res.rows if r["kind"] == "stitch"}
             == {k: r["theta"] for k, r in rows.items() if r["kind"] == "stitch"})
     cache = open_cache(vit_cache)
     stitches = enumerate_stitches(cache.profiles, "up", "linear")
@@ -135,4 +136,4 @@ def test_score_theta_selects_by_theta_alone(vit_cache, default_run, tmp_path):
     keep, _ = select("klas", stitches, anchors(cache.profiles), cache.profiles, gamma=theta, cka_distance=None,
                      budget_macs=None, buckets=20, tau=0.05, seed=0)
     assert {c.id for c, k in zip(stitches, keep) if k} == {s["id"] for s in sel["stitches"]}
-    assert {s["id"] for s in sel["stitches"]} != {s["id"] for s in default["stitches"]}  # Θ and Γ rank differently here
+    assert {s["id"] for s in sel["stitches"]} != {s["id"] for s in paper["stitches"]}  # Θ and Γ rank differently here
