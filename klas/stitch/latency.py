@@ -211,7 +211,7 @@ def _warm_models(models: Mapping[str, Adapter], inputs: Mapping[str, Tensor], de
         with torch.inference_mode(), autocast(device, amp_dtype):
             for a in models.values():
                 a.eval()
-            warm_up([lambda a=a, x=inputs[n]: a.head(a.run_blocks(a.stem(x))) for n, a in models.items()], device=device)
+            warm_up([lambda a=a, x=inputs[n]: a(x) for n, a in models.items()], device=device)
     finally:
         for n, a in models.items():
             a.train(modes[n])
