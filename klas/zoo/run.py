@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 from torch import Tensor
 
-from klas.data import load_split_tensors, make_splits, open_source
+from klas.data import DigitsConfig, DigitsSource, load_split_tensors, make_splits, open_source
 from klas.data.transforms import build_transform
 from klas.fs import atomic_path, write_json_atomic
 from klas.utils import sha256_file
@@ -94,15 +94,19 @@ def _record(arch: str, recipe: Recipe, result: TrainResult, sha: str, weights: s
 _TENSORS: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}  # (root, limit, data config) -> split tensors
 
 
-def zoo_split_tensors(arch: str, root: Path, limit: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+def zoo_split_tensors(arch: str, root: Path, limit: int | None = None,
+                      data: DigitsConfig | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """The digits splits as ``arch`` sees them, ``{split: (x (N, 3, 32, 32) float32, y (N,) int64)}``, for
-    probe-train (training), score and eval; preprocessed once per data config and kept in memory."""
+    probe-train (training), score and eval; preprocessed once per data config and kept in memory.
+    ``data`` generates the digits with other parameters (a study of the task's difficulty,
+    ``benchmarks/bench_zoo.py --data``); None is the built-in set every klas command uses."""
     from klas.zoo import SPLIT_SEED
 
     cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
-    key = (str(root), limit, *(repr(cfg.get(k)) for k in ("input_size", "interpolation", "mean", "std", "crop_pct")))
+    key = (str(root), limit, data.fingerprint() if data is not None else None,
+           *(repr(cfg.get(k)) for k in ("input_size", "interpolation", "mean", "std", "crop_pct")))
     if key not in _TENSORS:
-        source = open_source("digits", root)
+        source = open_source("digits", root) if data is None else DigitsSource(root, data)
         splits = make_splits(source, seed=SPLIT_SEED, limit=limit)
         transform = build_transform(cfg)
         _TENSORS[key] = {name: load_split_tensors(source, split, transform)[:2] for name, split in splits.items()}
