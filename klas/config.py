@@ -38,8 +38,8 @@ PROBE_TARGETS: tuple[str, ...] = ("labels", "model")
 SCORES: tuple[str, ...] = ("gamma", "theta")
 #: What ``strategy="klas"`` ranks by when no score is given (the one place this default lives; ``klas
 #: search`` prints the score it ranks by). ``benchmarks/bench_quality.py`` chooses it on the score split:
-#: over the vit, vit-depth and cnn families, Θ alone (mean in-range ρ +0.76 vs Γ's +0.66; README "Does it
-#: work?"), so the default departs from the paper's Γ, which ``--score gamma`` keeps.
+#: over the vit, vit-depth, cnn and hetero families, Θ alone (mean in-range ρ +0.80 vs Γ's +0.58; README
+#: "Does it work?"), so the default departs from the paper's Γ, which ``--score gamma`` keeps.
 DEFAULT_SCORE = "theta"
 #: How ``klas search`` names each score when it says what it ranks by.
 SCORE_TEXT = {"gamma": "Γ = Θ / Σ (the paper's)", "theta": "Θ alone"}
