@@ -136,7 +136,8 @@ def _summary(rows: list[dict], split: str) -> tuple[float, float, float]:
 def _table(rows: list[dict], console: Console) -> None:
     from klas.zoo import BENCH_FAMILIES, FAMILIES
 
-    family_of = {m: members for members in (*FAMILIES.values(), *BENCH_FAMILIES.values()) for m in members}
+    # a model in a demo family and a benchmark family (klas_vit_s) is laddered within its demo family
+    family_of = {m: members for members in (*BENCH_FAMILIES.values(), *FAMILIES.values()) for m in members}
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("data", "default"), r["variant"], r["model"]), []).append(r)
@@ -182,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     variants = [_parse_variant(v) for v in (args.variant or ["default:"])]
     datas = [_parse_data(d) for d in (args.data or ["default:"])]
     seeds = [int(s) for s in args.seeds.split(",")]
-    old = json.loads(args.out.read_text())["rows"] if args.add and args.out.is_file() else []
+    earlier = json.loads(args.out.read_text()) if args.add and args.out.is_file() else {}
+    old = earlier.get("rows", [])
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commands = [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []), command]
     done = {(r["model"], r.get("data", "default"), r["variant"], r["seed"]) for r in old}
     jobs = [(m, name, fields, s, data, data_fields) for data, data_fields in datas for name, fields in variants
             for m in models for s in seeds if (m, data, name, s) not in done]
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"{row['data']:>10} {row['variant']:>12} {row['model']:<14} seed {row['seed']}: "
                           f"score {100 * row['score_acc']:.2f}%  eval {100 * row['eval_acc']:.2f}%  {row['seconds']:.0f}s")
             write_json_atomic(args.out, {
-                "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+                "command": command, "commands": commands,  # with --add: every run whose rows are here
                 "machine": machine_info("cpu"), "versions": package_versions(), "jobs": args.jobs,
                 "rows": rows,
             })

@@ -27,12 +27,19 @@ def _main():
     return sys.modules["bench_zoo"].main
 
 
-def test_bench_zoo_trains_each_data_variant_on_its_own_images(tmp_path):
+def test_bench_zoo_trains_each_data_variant_on_its_own_images(tmp_path, capsys):
     out = tmp_path / "zoo.json"
-    _main()(["--models", "klas_vit_ti", "--seeds", "0", "--jobs", "1", "--root", str(tmp_path), "--out", str(out),
-             "--variant", "tiny:max_steps=2,limit=40", "--data", "default:", "--data", "hard:rotation=30,scale=0.6/1.1"])
-    rows = {r["data"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"default", "hard"}
+    _main()(["--models", "klas_vit_ti,klas_vit_s", "--seeds", "0", "--jobs", "1", "--root", str(tmp_path),
+             "--out", str(out), "--variant", "tiny:max_steps=2,limit=40", "--data", "default:",
+             "--data", "hard:rotation=30,scale=0.6/1.1"])
+    report = json.loads(out.read_text())
+    saved = report["rows"]
+    assert report["commands"] == [report["command"]]
+    # the ladder: klas_vit_s (also in the vit-depth benchmark family) against klas_vit_ti, per data variant
+    ladder = [line for line in capsys.readouterr().out.splitlines() if "klas_vit_s" in line and " / " in line]
+    assert len(ladder) == 2, ladder
+    rows = {r["data"]: r for r in saved if r["model"] == "klas_vit_ti"}
+    assert set(rows) == {"default", "hard"} and len(saved) == 4
     hard = DigitsConfig(rotation=30.0, scale=(0.6, 1.1))
     assert rows["hard"]["data_fields"] == {"rotation": 30.0, "scale": [0.6, 1.1]}
     assert rows["hard"]["data_fingerprint"] == hard.fingerprint()
