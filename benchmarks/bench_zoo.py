@@ -113,8 +113,8 @@ def _parse_data(text: str) -> tuple[str, dict]:
         try:
             fields[key] = [float(v) for v in value.split("/")] if kind is tuple else kind(value)
         except ValueError:
-            raise SystemExit(f"error: --data {text!r}: {key}={value!r} is not a {kind.__name__}"
-                             f"{' (lo/hi)' if kind is tuple else ''}") from None
+            what = {tuple: "a pair of numbers lo/hi", int: "a whole number"}.get(kind, "a number")
+            raise SystemExit(f"error: --data {text!r}: {key}={value!r} is not {what}") from None
         if kind is tuple and len(fields[key]) != 2:
             raise SystemExit(f"error: --data {text!r}: {key} takes a pair, e.g. {key}=0.6/1.1")
     _digits(fields)  # validates the combination

@@ -55,7 +55,8 @@ def test_bench_zoo_trains_each_data_variant_on_its_own_images(tmp_path, capsys):
 @pytest.mark.parametrize("data, message", [
     ("x:rotaton=3", "unknown digits field 'rotaton'"),
     ("x:scale=0.6", "scale takes a pair, e.g. scale=0.6/1.1"),
-    ("x:variants=many", "variants='many' is not a int"),
+    ("x:variants=many", "variants='many' is not a whole number"),
+    ("x:scale=0.6/big", "scale='0.6/big' is not a pair of numbers lo/hi"),
 ])
 def test_bench_zoo_refuses_a_bad_data_variant_before_training(tmp_path, data, message):
     with pytest.raises(SystemExit, match=message):
