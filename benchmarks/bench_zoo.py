@@ -63,8 +63,7 @@ def _train_one(job: tuple[str, str, dict, int, str, dict]) -> dict:
     arch, variant, fields, seed, data_name, data_fields = job
     recipe = dataclasses.replace(RECIPES[arch], **fields, seed=seed)
     digits = _digits(data_fields)
-    data = zoo_split_tensors(arch, Path(_DATA["root"]), limit=recipe.limit,
-                             data=digits if data_fields else None)
+    data = zoo_split_tensors(arch, Path(_DATA["root"]), limit=recipe.limit, data=digits)
     result = train_model(arch, data["probe-train"], data["eval"], recipe)
     import timm
 

@@ -95,18 +95,19 @@ _TENSORS: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}  # (root, limit, da
 
 
 def zoo_split_tensors(arch: str, root: Path, limit: int | None = None,
-                      data: DigitsConfig | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+                      data: DigitsConfig = DigitsConfig()) -> dict[str, tuple[Tensor, Tensor]]:
     """The digits splits as ``arch`` sees them, ``{split: (x (N, 3, 32, 32) float32, y (N,) int64)}``, for
     probe-train (training), score and eval; preprocessed once per data config and kept in memory.
-    ``data`` generates the digits with other parameters (a study of the task's difficulty,
-    ``benchmarks/bench_zoo.py --data``); None is the built-in set every klas command uses."""
+    ``data`` is the generator's configuration: the default is the built-in set every klas command uses
+    (``--data digits``); another generates the digits with other parameters (a study of the task's
+    difficulty, ``benchmarks/bench_zoo.py --data``)."""
     from klas.zoo import SPLIT_SEED
 
     cfg = timm.create_model(arch, pretrained=False).pretrained_cfg
-    key = (str(root), limit, data.fingerprint() if data is not None else None,
+    key = (str(root), limit, data.fingerprint(),
            *(repr(cfg.get(k)) for k in ("input_size", "interpolation", "mean", "std", "crop_pct")))
     if key not in _TENSORS:
-        source = open_source("digits", root) if data is None else DigitsSource(root, data)
+        source = DigitsSource(root, data)
         splits = make_splits(source, seed=SPLIT_SEED, limit=limit)
         transform = build_transform(cfg)
         _TENSORS[key] = {name: load_split_tensors(source, split, transform)[:2] for name, split in splits.items()}
