@@ -89,7 +89,7 @@ def _batches_text(batches) -> str:
 @app.command()
 def cache(
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="timm name (pretrained), NAME=weights.safetensors|.pth, or a demo model (klas_vit_ti, ...); ALIAS:NAME[=weights] names it ALIAS (one architecture twice). Repeat for k models."),
-    data: Optional[str] = typer.Option(None, "--data", help="An ImageFolder directory (one sub-folder per class) or 'digits'."),
+    data: Optional[str] = typer.Option(None, "--data", help="An ImageFolder directory (one sub-folder per class) or a built-in digits set: 'digits' (the demo's), 'digits-hard'."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Cache directory (default: cache/<models joined by +>); new, empty or a klas cache. Alone (no --model, --data): add this device's latency profile to that cache."),
     split: str = typer.Option(",".join(_CACHE.split_list), help="Comma-separated splits to cache."),
     limit: Optional[int] = typer.Option(_CACHE.limit, help="Keep at most N images per split."),

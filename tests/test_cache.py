@@ -149,3 +149,13 @@ def test_empty_image_folder_is_refused(tmp_path):
     with pytest.raises(KlasError):
         build_cache(["resnet18"], str(tmp_path / "imgs"), tmp_path / "c", root=tmp_path, **KW)
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_cache_on_a_named_digits_set_reopens_that_set(tmp_path):
+    """A cache of ``--data digits-hard`` records the set's name and reopens the same images, as
+    ``klas search`` and ``klas train`` do (not the demo's ``digits``, which would fail the fingerprint)."""
+    build_cache(["resnet18"], "digits-hard", tmp_path / "c", root=tmp_path, **KW)
+    cache = open_cache(tmp_path / "c")
+    assert cache.manifest["data"]["source"] == "digits-hard"
+    src = cache.source(root=tmp_path)
+    assert src.name == "digits-hard" and src.fingerprint == cache.manifest["data"]["fingerprint"]

@@ -92,6 +92,19 @@ def test_digits_fingerprint_tracks_generator_params():
 
 # ---- splits -------------------------------------------------------------------------------------------
 
+def test_named_digits_sets_open_by_name_and_differ(digits, cache_root):
+    from klas.data.digits import DIGITS_SETS
+
+    hard = open_source("digits-hard", cache_root)
+    assert (hard.name, digits.name) == ("digits-hard", "digits")
+    assert hard.fingerprint == DIGITS_SETS["digits-hard"].fingerprint() != digits.fingerprint
+    assert np.array_equal(hard.labels, digits.labels)  # same scans, same labels: only the warps differ
+    assert not np.array_equal(np.asarray(hard.images[:64]), np.asarray(digits.images[:64]))
+    assert open_source(hard.name, cache_root).fingerprint == hard.fingerprint  # a cache reopens it by name
+    with pytest.raises(KlasError, match="unknown digits set 'digits-easy'.*digits, digits-hard"):
+        open_source("digits-easy", cache_root)
+
+
 def test_digit_splits_disjoint_cover_and_keep_scans_whole(digits):
     splits = make_splits(digits, seed=0)
     assert tuple(splits) == SPLITS

@@ -166,11 +166,11 @@ def _device(device: str | None, amp: str | None, rank: int, world: int) -> tuple
 
 def _check_root(root: Path, data: str, specs: Sequence[ModelSpec], random_init: bool) -> None:
     """Fail at once when this build must write under --root (digits images, demo weights) and cannot."""
-    from klas.data.digits import DigitsConfig, digits_cache_path
+    from klas.data.digits import DIGITS_SETS, digits_cache_path
     from klas.zoo import is_zoo_model, stale_models, zoo_dir
 
     zoo = [s.arch for s in specs if s.path is None and is_zoo_model(s.arch)] if not random_init else []
-    if str(data) == "digits" and not digits_cache_path(root, DigitsConfig()).is_file():
+    if str(data) in DIGITS_SETS and not digits_cache_path(root, DIGITS_SETS[str(data)]).is_file():
         ensure_writable_dir(root, "--root")
     if zoo and stale_models(root, zoo):
         ensure_writable_dir(root, "--root")

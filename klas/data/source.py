@@ -7,6 +7,7 @@ from typing import Protocol, runtime_checkable
 from PIL import Image
 
 from klas.config import SPLITS  # noqa: F401  the three disjoint splits every data set is cut into, re-exported
+from klas.errors import KlasError
 from klas.utils import DEFAULT_ROOT
 
 # (see :func:`klas.data.make_splits`) ``probe-train`` fits probes / trains stitches, ``score`` ranks
@@ -34,14 +35,18 @@ class ImageSource(Protocol):
 
 
 def open_source(data: str, root: Path = DEFAULT_ROOT) -> ImageSource:
-    """Open ``--data``: ``"digits"`` is the built-in digits set, anything else an ImageFolder-style directory.
+    """Open ``--data``: a built-in digits set by name (``"digits"``, ``"digits-hard"``: the keys of
+    :data:`klas.data.digits.DIGITS_SETS`), anything else an ImageFolder-style directory.
 
-    ``root`` is the klas cache root; the digits set caches its generated images under ``root/data``.
+    ``root`` is the klas cache root; the digits sets cache their generated images under ``root/data``.
     """
-    if str(data) == "digits":
-        from klas.data.digits import DigitsSource
+    from klas.data.digits import DIGITS_SETS, DigitsSource
 
-        return DigitsSource(root=root)
+    name = str(data)
+    if name in DIGITS_SETS:
+        return DigitsSource(root=root, config=DIGITS_SETS[name], name=name)
+    if name.startswith("digits") and not Path(name).exists():
+        raise KlasError(f"unknown digits set {name!r}; the built-in sets are {', '.join(DIGITS_SETS)}")
     from klas.data.folder import FolderSource
 
     return FolderSource(data)
