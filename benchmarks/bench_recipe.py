@@ -54,6 +54,7 @@ BASE: dict = {}
 VARIANTS: dict[str, tuple[str, dict]] = {  # in order of importance: a partial study keeps the first ones
     "base": ("klas train's defaults (joint, anchor routes, ce, linear, LS 100, 5 ep, lr 3e-3)", {}),
     "epochs-10": ("10 epochs", dict(epochs=10)),
+    "epochs-20": ("20 epochs", dict(epochs=20)),
     "ce+distill": ("ce + distill (largest anchor)", dict(loss="ce=1,distill=1", teacher="largest")),
     "distill": ("distill from the largest anchor", dict(loss="distill", teacher="largest")),
     "anchor-lr-0.03": ("anchors at 0.03x the lr (0.1x)", dict(anchor_lr_scale=0.03)),
