@@ -42,7 +42,8 @@ class HeteroConfig:
     first_fraction: float = 0.5  # ffm->ce: share of the steps trained with ffm
     batch_size: int = 32
     # lr 3e-4: best mean score-split accuracy for ce, ffm and ffm->ce in a pilot over 1e-4 / 3e-4 / 1e-3
-    # (30 steps, shallow and deep; benchmarks/results/heterogeneous-lr-pilot.json); one lr: nothing to choose
+    # (30 steps, shallow and deep, on the demo family before the shipped one;
+    # benchmarks/results/heterogeneous-lr-pilot.json)
     lrs: tuple[float, ...] = (3e-4,)
     weight_decay: float = 0.05
     warmup: float = 0.1
