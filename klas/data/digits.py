@@ -152,7 +152,8 @@ def generate_digits(cfg: DigitsConfig = DigitsConfig()) -> tuple[np.ndarray, np.
 
 
 class DigitsSource:
-    """The built-in ``digits`` set as an :class:`~klas.data.ImageSource` (see the module docstring)."""
+    """A built-in digits set (``name``, generated from ``config``) as an :class:`~klas.data.ImageSource`
+    (see the module docstring)."""
 
     def __init__(self, root: Path = DEFAULT_ROOT, config: DigitsConfig = DigitsConfig(), name: str = "digits") -> None:
         self.name = name  # what ``--data`` says to reopen it (a key of DIGITS_SETS for the named sets)

@@ -46,7 +46,8 @@ def open_source(data: str, root: Path = DEFAULT_ROOT) -> ImageSource:
     if name in DIGITS_SETS:
         return DigitsSource(root=root, config=DIGITS_SETS[name], name=name)
     if name.startswith("digits") and not Path(name).exists():
-        raise KlasError(f"unknown digits set {name!r}; the built-in sets are {', '.join(DIGITS_SETS)}")
+        raise KlasError(f"unknown digits set {name!r}: the built-in sets are {', '.join(DIGITS_SETS)}; "
+                        "anything else must be an ImageFolder directory")
     from klas.data.folder import FolderSource
 
     return FolderSource(data)
