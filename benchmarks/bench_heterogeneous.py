@@ -124,6 +124,8 @@ def plot(reports: list[dict], path: Path) -> None:
             ax_len.plot(lengths, [100 * c[str(n)]["score"] for n in lengths], "--", color=line.get_color(), alpha=0.6)
         ax_len.axvline(rep["length"]["chosen"], color="grey", linewidth=0.8)
         ax_len.set_xscale("log")
+        ax_len.set_xticks(lengths, [f"{n:,}" for n in lengths])  # the lengths trained, not log-scale minor labels
+        ax_len.xaxis.set_minor_locator(plt.NullLocator())
         ax_len.set_xlabel("training steps (dashed: score split)")
         ax_len.set_ylabel("mean top-1 % of the cross stitches")
         ax_len.set_title(f"{pair}: training length", fontsize=10)
