@@ -90,8 +90,6 @@ def test_digits_fingerprint_tracks_generator_params():
     assert DigitsConfig().fingerprint() != DigitsConfig(noise=(0.0, 0.1)).fingerprint()
 
 
-# ---- splits -------------------------------------------------------------------------------------------
-
 def test_named_digits_sets_open_by_name_and_differ(digits, cache_root):
     from klas.data.digits import DIGITS_SETS
 
@@ -101,9 +99,12 @@ def test_named_digits_sets_open_by_name_and_differ(digits, cache_root):
     assert np.array_equal(hard.labels, digits.labels)  # same scans, same labels: only the warps differ
     assert not np.array_equal(np.asarray(hard.images[:64]), np.asarray(digits.images[:64]))
     assert open_source(hard.name, cache_root).fingerprint == hard.fingerprint  # a cache reopens it by name
-    with pytest.raises(KlasError, match="unknown digits set 'digits-easy': the built-in sets are digits, digits-hard; anything else"):
+    with pytest.raises(KlasError, match="unknown digits set 'digits-easy': the built-in sets are digits, "
+                                        "digits-hard; anything else"):
         open_source("digits-easy", cache_root)
 
+
+# ---- splits -------------------------------------------------------------------------------------------
 
 def test_digit_splits_disjoint_cover_and_keep_scans_whole(digits):
     splits = make_splits(digits, seed=0)
