@@ -53,17 +53,17 @@ def run_family(name: str, spec: dict, work: Path, args, console: Console) -> lis
     search(work / "cache", work / "run", direction="both", probe_epochs=1, console=console, progress=False)
     rows = []
     for batch in spec["batches"]:
-        report = check_predictor(work / "run", batch=batch, repeats=args.repeats, root=args.root, limit=args.networks)
-        again = check_predictor(work / "run", batch=batch, repeats=args.repeats, root=args.root, limit=args.networks)
+        report = check_predictor(work / "run", batch=batch, repeats=args.repeats, root=args.root, limit=args.networks,
+                                 passes=2)
         err = report.errors()
         summary = report.summary()
-        retest = [abs(again.measured[i] - m) / m for i, m in report.measured.items() if m > 0]
+        retest, again = report.retest_changes(), report.retests[0]
         rows.append({"family": name, "models": spec["models"], "batch": batch, "networks": len(err),
                      "median_abs_rel_error": summary["median"], "worst_abs_rel_error": summary["worst"],
                      "retest_median": statistics.median(retest), "retest_worst": max(retest),
                      "profile": report.profile,
                      "per_network": {i: {"measured_ms": report.measured[i], "predicted_ms": report.predicted[i],
-                                         "retest_ms": again.measured[i], "rel_error": e} for i, e in err.items()}})
+                                         "retest_ms": again[i], "rel_error": e} for i, e in err.items()}})
     console.print(f"{name}: {time.perf_counter() - t0:.0f} s")
     return rows
 

@@ -161,6 +161,20 @@ def test_latency_budgets_need_this_devices_profile_before_any_work(vit_cache, tm
         SearchConfig(budget=1.0, budget_ms=5.0)
 
 
+def test_check_predictor_times_every_network_beside_its_prediction_and_retests_it(vit_cache, tmp_path):
+    from klas.train.latency import check_predictor
+    run = _search(vit_cache, tmp_path / "run", budget=0.004).run_dir
+    report = check_predictor(run, batch=1, repeats=1, device="cpu", limit=3, passes=2)
+    assert len(report.measured) == 3 and set(report.measured) == set(report.predicted)
+    assert len(report.retests) == 1 and set(report.retests[0]) == set(report.measured)
+    assert all(m > 0 for m in report.measured.values()) and len(report.retest_changes()) == 3
+    assert report.profile.startswith("batch 1 on cpu")
+    with pytest.raises(KlasError, match="covers batch 1, 64, not .* 8"):
+        check_predictor(run, batch=8, repeats=1, device="cpu")
+    with pytest.raises(KlasError, match="passes must be at least 1"):
+        check_predictor(run, batch=1, repeats=1, passes=0)
+
+
 def _rows():
     def row(i, kind, gflops, ms, acc):
         return {"id": i, "kind": kind, "gflops": gflops, "latency_ms": ms, "acc_after": acc, "latency_batch": 1}

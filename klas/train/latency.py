@@ -38,6 +38,11 @@ class LatencyReport:
     profile: str | None = None  # which profile predicted ("batch 1 on cpu ..."), or why none did
     device: dict | None = None
     warmup_seconds: float = 0.0
+    retests: list[dict[str, float]] = field(default_factory=list)  # later timing passes, same networks
+
+    def retest_changes(self) -> list[float]:
+        """|retest - first| / first of every network over every later pass (test-retest of the clock)."""
+        return [abs(again[i] - m) / m for again in self.retests for i, m in self.measured.items() if m > 0 and i in again]
 
     def errors(self) -> dict[str, float]:
         """Relative error (predicted - measured) / measured of every network that has both."""
@@ -119,11 +124,14 @@ def time_networks(net: StitchNet, ids: Sequence[str], x: torch.Tensor, *, device
 
 
 def check_predictor(run_dir, *, batch: int, repeats: int, device: str | None = None, root=None,
-                    limit: int | None = None, on_done=None) -> LatencyReport:
+                    limit: int | None = None, passes: int = 1, on_done=None) -> LatencyReport:
     """The predictor against the clock on every network of a searched run (its selected stitches and
     anchors; the first ``limit`` by cost when given): each timed as ``klas train`` times it (a shared
     warm-up, median of ``repeats``) on a random batch of ``batch`` images, beside its prediction
     from the cache's profile for this device and batch (refused in one line when there is none).
+    With ``passes`` > 1 the same loaded networks are timed again after the first pass (no second
+    load; each pass warms up as ``klas train`` does), in ``retests``: the clock's own test-retest spread
+    beside the predictor's error.
     Latency does not depend on the weights, so the stitch layers are left untrained."""
     from pathlib import Path
 
@@ -131,6 +139,8 @@ def check_predictor(run_dir, *, batch: int, repeats: int, device: str | None = N
     from klas.run import open_run_cache, read_selection, stitch_specs
     from klas.utils import resolve_device
 
+    if passes < 1:
+        raise KlasError(f"passes must be at least 1, got {passes}: pass 1 to time each network once")
     run_dir = Path(run_dir)
     selection = read_selection(run_dir)
     cache = open_run_cache(selection, run_dir)
@@ -146,9 +156,11 @@ def check_predictor(run_dir, *, batch: int, repeats: int, device: str | None = N
         raise KlasError(why)
     size = cache.profiles[models[0].name].input_size
     x = torch.randn((batch, *size), generator=torch.Generator().manual_seed(0))
-    measured, warm = time_networks(net, ids, x, device=dev, amp=cache.manifest.get("amp"), repeats=repeats,
-                                   on_done=on_done)
-    return LatencyReport(measured, predicted, profile.describe(), profile.device, warm)
+    amp = cache.manifest.get("amp")
+    measured, warm = time_networks(net, ids, x, device=dev, amp=amp, repeats=repeats, on_done=on_done)
+    retests = [time_networks(net, ids, x, device=dev, amp=amp, repeats=repeats, on_done=on_done)[0]
+               for _ in range(passes - 1)]
+    return LatencyReport(measured, predicted, profile.describe(), profile.device, warm, retests)
 
 
 __all__ = ["LatencyReport", "check_predictor", "predictions", "time_networks", "to_time"]
