@@ -105,11 +105,17 @@ def _strategy_cells(s: dict) -> list[str]:
             rec_txt, f"{_pct(paper)} %" if paper is not None else "", _rho(s.get("rho_in_range")), _rho(s.get("rho"))]
 
 
+def _steps(fam: dict) -> str:
+    """Steps per route, with the family's length when it trains longer than ``klas train`` (QualityFamily.length)."""
+    length = fam.get("length") or 1
+    return f"{fam['route_steps']} ({length}× klas train's)" if length > 1 else str(fam["route_steps"])
+
+
 def family_table(fam: dict) -> Table:
     b = ", ".join(f"{x:.4f}" for x in fam["budgets_gflops"])
     t = Table(title=(f"{fam['family']} ({', '.join(fam['models'])}; {fam.get('direction', 'up')}): "
                      f"{fam['num_candidates']} candidates ({fam['num_in_range']} in range), K = {fam['K']} per strategy, "
-                     f"{fam['nonempty_buckets']} non-empty buckets, {fam['route_steps']} steps per route, "
+                     f"{fam['nonempty_buckets']} non-empty buckets, {_steps(fam)} steps per route, "
                      f"{fam['eval_images']} eval images\nHV over [{fam['range_gflops'][0]:.4f}, "
                      f"{fam['range_gflops'][1]:.4f}] GFLOPs above {_pct(fam['y_ref'])} % ({fam['y_ref_from']}), "
                      f"anchors on every front; HV stitches: the K stitches alone, above 0 %; b1-b3 = {b} GFLOPs"))
@@ -259,7 +265,7 @@ def markdown(report: dict) -> str:
     lines = ["| family (K of N; steps per route) | strategy | HV [95% CI] | HV stitches (Δ vs random / SN-Net [95% CI]) "
              "| best @ ¼ / ½ / ¾ (%) | stitches on front | recovery | ρ in range |", "|---|---|---|---|---|---|---|---|"]
     for fam in report["families"].values():
-        head = f"{fam['family']} (K = {fam['K']} of {fam['num_candidates']}; {fam['route_steps']})"
+        head = f"{fam['family']} (K = {fam['K']} of {fam['num_candidates']}; {_steps(fam)})"
         for name, st in fam["strategies"].items():
             if name.startswith("random-"):
                 continue
@@ -353,7 +359,7 @@ def _panel(ax, fam: dict) -> None:
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel(Y_LABEL)
     ax.set_title(f"{fam['family']}: {', '.join(fam['models'])} ({fam.get('direction', 'up')})\nK = {fam['K']} stitches "
-                 f"per strategy, {fam['route_steps']} steps per route, {fam['eval_images']} eval images", fontsize=9.5)
+                 f"per strategy, {_steps(fam)} steps per route, {fam['eval_images']} eval images", fontsize=9.5)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=6.5, framealpha=0.92)
 
@@ -532,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, help="images per split (default: all, 8626 / 2875 / 2875; quick 300)")
     ap.add_argument("--eval-limit", type=int, help="evaluate on the first N score / eval images (default: all)")
     ap.add_argument("--route-steps", type=int, help="training steps per route (stitch or anchor) in every run (default: "
-                                                    "what klas train's 5 epochs give a selection of K)")
+                                                    "what klas train's 5 epochs give a selection of K, times the family's length: "
+                                                    "2x for vit and cnn, klas.quality.QUALITY_FAMILIES)")
     ap.add_argument("--batch-size", type=int, help="training batch (default 64, klas train's; quick 16)")
     ap.add_argument("--gt-seeds", help="comma-separated seeds of the ground truth; the first is the reference (default 0,1)")
     ap.add_argument("--random-seeds", help="comma-separated seeds of the random baseline (default 0,1,2)")

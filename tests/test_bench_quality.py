@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from klas.quality import QualityConfig, bucket_winners, ceiling, choose_default_score, competitive, rate
+from klas.errors import KlasError
+from klas.quality import QualityConfig, QualityFamily, bucket_winners, ceiling, choose_default_score, competitive, rate
 from klas.search import DEFAULT_SCORE, search
 from klas.train import train_run
 
@@ -104,6 +105,10 @@ def test_steps_per_route_is_klas_train_length():
     assert cfg.steps_per_route(8626, 22, 3) == 27
     assert cfg.steps_per_route(8626, 33, 2) == round(675 / 35)
     assert QualityConfig(route_steps=5).steps_per_route(8626, 22, 3) == 5
+    assert cfg.steps_per_route(8626, 21, 3, length=2) == round(2 * 675 / 24)  # a lengthened family
+    assert QualityConfig(route_steps=5).steps_per_route(8626, 22, 3, length=2) == 5
+    with pytest.raises(KlasError, match="length must be a positive integer"):
+        QualityFamily(("a", "b"), length=0)
 
 
 def test_ceiling_rates_a_second_ground_truth_like_a_signal():

@@ -223,7 +223,7 @@ def run_family(family: str, spec: QualityFamily, cfg: QualityConfig, work: Path,
     k, a = int(searched.sum()), len(f.anchor_ids)
     masks, bucket, notes = make_selections(f.stitches, f.anchor_list, f.profiles, scores, k, cfg)
     assert (masks[DEFAULT_SCORE] == searched).all(), "klas's selection must equal what klas search wrote"
-    route_steps = cfg.steps_per_route(f.train.n, k, a)
+    route_steps = cfg.steps_per_route(f.train.n, k, a, spec.length)
     log(f"{len(f.stitches)} candidates ({spec.direction}), K = {k} selected by klas search (--score {DEFAULT_SCORE}); "
         f"{route_steps} steps per route; " + ", ".join(f"{s}: {n['count_own_rule']}->{n['count']}" for s, n in notes.items()))
 
@@ -252,7 +252,8 @@ def run_family(family: str, spec: QualityFamily, cfg: QualityConfig, work: Path,
         with clock.phase("variants"):
             out["variants"] = _variants(f, cfg, scores["gamma"], gt_acc, bucket, k, run_dir)
     out.update(splits=dict(cache.manifest["splits"]), cache_fingerprint=cache.fingerprint, random_init=cfg.random_init,
-               score_images=len(f.positions("score")), route_steps=route_steps, threads=torch.get_num_threads(),
+               score_images=len(f.positions("score")), route_steps=route_steps,
+               length=None if cfg.route_steps is not None else spec.length, threads=torch.get_num_threads(),
                default_score=DEFAULT_SCORE)
     wall, cpu = clock.totals()
     out["seconds"] = {**clock.seconds, "total": wall}
