@@ -18,7 +18,7 @@ class QualityFamily:
     """The models of one benchmark family, which pairs are stitched (``klas search --direction``) and how
     long its runs train: ``length`` times ``klas train``'s default length (:meth:`QualityConfig.steps_per_route`).
     A family whose ground truth does not beat its original anchors at ``klas train``'s length is lengthened
-    (the issue's rule: a run that short compares networks nobody would keep)."""
+    (a run that short compares networks nobody would keep)."""
 
     models: tuple[str, ...]
     direction: str = "up"
