@@ -156,10 +156,9 @@ def check_predictor(run_dir, *, batch: int, repeats: int, device: str | None = N
         raise KlasError(why)
     size = cache.profiles[models[0].name].input_size
     x = torch.randn((batch, *size), generator=torch.Generator().manual_seed(0))
-    amp = cache.manifest.get("amp")
-    measured, warm = time_networks(net, ids, x, device=dev, amp=amp, repeats=repeats, on_done=on_done)
-    retests = [time_networks(net, ids, x, device=dev, amp=amp, repeats=repeats, on_done=on_done)[0]
-               for _ in range(passes - 1)]
+    timed = [time_networks(net, ids, x, device=dev, amp=cache.manifest.get("amp"), repeats=repeats, on_done=on_done)
+             for _ in range(passes)]
+    (measured, warm), retests = timed[0], [ms for ms, _ in timed[1:]]
     return LatencyReport(measured, predicted, profile.describe(), profile.device, warm, retests)
 
 
