@@ -320,7 +320,8 @@ def tree_cmd(
     task_epochs: int = typer.Option(0, "--task-epochs", help="Epochs of the task loss (ce) after ffm."),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Default: one pass over probe-train."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    lr: float = typer.Option(3e-3, help="AdamW learning rate of the stitch layers (warm-up, cosine); models stay frozen."),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate of the stitch layers (warm-up, cosine)."),
+    branch_lr_scale: float = typer.Option(0.0, "--branch-lr-scale", help="0: models frozen, only the stitch layers train (Mai et al.); e.g. 0.1: each branch's own blocks and head train too, at this x --lr."),
     init_images: int = typer.Option(100, "--init-images", help="Probe-train images for the least-squares init."),
     probe_epochs: int = typer.Option(10, "--probe-epochs", help="Epochs of the per-block probes and of the linear classifiers."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: cache/runs/<cache>-tree)."),
@@ -337,7 +338,8 @@ def tree_cmd(
 
     config = TreeConfig(
         models=parse_models(models), trunk=trunk, trunk_rule=trunk_rule, share_at=parse_share_at(share_at), points=points, match=match, layer=layer, epochs=epochs,
-        task_epochs=task_epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, init_images=init_images,
+        task_epochs=task_epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+        branch_lr_scale=branch_lr_scale, init_images=init_images,
         probe_epochs=probe_epochs, resume=resume, overwrite=overwrite, latency=latency, device=device, seed=seed, root=root,
     )
     if gain_only:

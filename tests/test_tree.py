@@ -284,6 +284,66 @@ def test_trunk_rule_floor_takes_the_reported_floor_model(finished, tree_cache):
     assert [s.share for s in plan.specs] == [2] and plan.scores.theta.shape == finished.plan.scores.theta.shape
 
 
+def test_tuned_branches_train_their_own_blocks_and_leave_the_models_alone(pair, tree_cache, tmp_path):
+    """--branch-lr-scale: each branch's blocks from its cut and its head train, on the tree's own copy of the
+    model; its blocks before the cut, the trunk, the floor and the ceiling stay the frozen models'. Resume is
+    exact, and what export writes runs the tuned weights."""
+    import klas
+    from klas.cache import open_cache
+    from klas.export import export_tree
+    from klas.tree import trained_tree
+
+    kw = dict(models=("klas_vit_ti", "klas_resnet_s"), trunk="klas_vit_ti", share_at=(3,), branch_lr_scale=0.5)
+    run = tmp_path / "tuned"
+    assert not _run(tree_cache, run, stop_after=1, **kw).complete
+    done = _run(tree_cache, run, resume=True, **kw)
+    straight = _run(tree_cache, tmp_path / "straight", **kw)
+    ckpt, want = (torch.load(r / "checkpoints" / "s3.pt", weights_only=True) for r in (run, straight.run_dir))
+    assert set(ckpt["anchor_states"]) == {"klas_resnet_s"} and ckpt["weights_sha256"] == want["weights_sha256"]
+    assert ckpt["weights_sha256"] == done.manifest["trees"][0]["checkpoint_sha256"]
+
+    root = tree_cache.parent
+    models = {m.name: m.adapter for m in open_cache(tree_cache).load_models(root=root)}
+    tree, row, _ = trained_tree(run, 3, root=root)
+    cut = dict(tree.spec.branches)["klas_resnet_s"]
+    branch, model = tree.adapter("klas_resnet_s"), models["klas_resnet_s"]
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+    assert all(same(x, y) for x, y in zip(branch.blocks[:cut], model.blocks[:cut]))
+    assert not all(same(x, y) for x, y in zip(branch.blocks[cut:], model.blocks[cut:]))
+    assert same(tree.adapter("klas_vit_ti"), models["klas_vit_ti"])
+    frozen = pair.manifest
+    assert done.manifest["reference"] == frozen["reference"]  # floor and ceiling: the models themselves
+    assert row["fidelity"]["klas_resnet_s"] != frozen["trees"][0]["fidelity"]["klas_resnet_s"]
+
+    result = export_tree(run, root=root, console=quiet())
+    exported = klas.load_tree(result.out_dir / result.artifacts[3])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got, want = exported(x), tree.eval()(x)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+
+
+def test_cli_tree_defaults_are_the_config_defaults():
+    import dataclasses
+
+    import typer
+
+    from klas.cli import app
+    from klas.tree import TreeConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TreeConfig)}
+    cmd = typer.main.get_command(app).commands["tree"]
+    checked = 0
+    for param in cmd.params:  # models and share_at are parsed from words (all, auto); device and root resolved
+        if param.name in defaults and param.name not in ("models", "share_at", "device", "root"):
+            assert param.default == defaults[param.name], param.name
+            checked += 1
+    assert checked >= 15
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--trunk", "klas_vit_b"], r"trunk 'klas_vit_b' is not in cache .* \(it has klas_vit_ti, klas_resnet_s, b\)"),
     (["--models", "klas_vit_ti,b", "--trunk", "klas_resnet_s"], r"trunk 'klas_resnet_s' is not in --models \(it has klas_vit_ti, b\)"),
@@ -295,6 +355,7 @@ def test_trunk_rule_floor_takes_the_reported_floor_model(finished, tree_cache):
     (["--epochs", "0"], r"--epochs plus --task-epochs must be at least 1"),
     (["--layer", "conv"], r"unknown --layer 'conv'"),
     (["--trunk-rule", "best"], r"unknown --trunk-rule 'best'"),
+    (["--branch-lr-scale", "-1"], r"--branch-lr-scale must be a finite number >= 0"),
     (["--resume"], r"has nothing to resume"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tree_cache, tmp_path, argv, message):

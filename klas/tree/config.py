@@ -40,6 +40,10 @@ class TreeConfig(Settings):
       the branches' logits; all branches of a tree train together on one pass of the trunk, models
       frozen. AdamW ``lr`` (3e-3), ``weight_decay`` (0.05), ``warmup`` (0.1) then cosine, ``batch_size`` (64),
       ``steps_per_epoch`` (None = one pass over probe-train).
+    * ``branch_lr_scale`` (0.0): 0 keeps every model frozen, only the stitch layers train (Mai et al.);
+      above 0 each branch's own blocks from its cut and its head train too, at ``branch_lr_scale`` x ``lr``,
+      on a copy per tree (the trunk, the models' own outputs, floor and ceiling stay those of the frozen
+      models; the tree then carries its branches' weights).
     * Scores: ``probe_epochs`` (10) for the per-block probes, ``temperature`` (1.0) of their softmax.
     * ``seed`` (0): every random choice derives from it.
     * ``resume`` / ``overwrite``; ``stop_after`` (None): return after this many epochs of this
@@ -63,6 +67,7 @@ class TreeConfig(Settings):
     lr: float = recipe_field(3e-3)
     weight_decay: float = recipe_field(0.05)
     warmup: float = recipe_field(0.1)
+    branch_lr_scale: float = recipe_field(0.0)
     init_images: int = recipe_field(DEFAULT_INIT_IMAGES)
     ridge: float = recipe_field(DEFAULT_RIDGE)
     probe_epochs: int = recipe_field(10)
@@ -92,6 +97,7 @@ class TreeConfig(Settings):
         self._int("seed", None)
         for name, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
                                ("warmup", lambda v: 0 <= v < 1, "in [0, 1)"), ("ridge", lambda v: v >= 0, ">= 0"),
+                               ("branch_lr_scale", lambda v: v >= 0, ">= 0"),
                                ("temperature", lambda v: v > 0, "> 0")):
             self._number(name, rule, ok)
         if self.models is not None:
@@ -116,6 +122,11 @@ class TreeConfig(Settings):
 
     def recipe(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k in self.recipe_keys() for v in [getattr(self, k)]}
+
+    @property
+    def tunes_branches(self) -> bool:
+        """Whether the branches' own blocks train with the stitch layers (``branch_lr_scale`` > 0)."""
+        return self.branch_lr_scale > 0
 
     @property
     def total_epochs(self) -> int:

@@ -4,6 +4,8 @@ A tree at share point ``s`` is a :class:`~klas.stitch.network.StitchNet` over th
 stitches are its branches ``T:s -> M:cut_M``. Every step trains all of them on one batch with the
 training core (:func:`klas.train.core.fit` with the list of branch ids): the trunk prefix runs once
 and each branch's loss is backpropagated into its own stitch layer; the models stay frozen (Mai et al.).
+With ``branch_lr_scale`` > 0 each branch runs on its own copy of its model, whose blocks from the cut
+and head train too (:func:`tune_branches`); the trunk and the shared models stay frozen.
 The loss is ``ffm`` (MSE of the branch's pre-logits features to the model's own, label-free) for
 ``epochs`` epochs, then ``ce`` for ``task_epochs``, under one warm-up + cosine schedule.
 
@@ -12,6 +14,7 @@ run continues exactly with ``--resume``; a finished tree's checkpoint is the tra
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from klas.errors import KlasError
-from klas.optim import warmup_cosine, warmup_steps_of
+from klas.optim import param_groups, warmup_cosine, warmup_steps_of
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import TreeSpec
 from klas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,11 +52,62 @@ class TreeFit:
 
 
 def build_net(models: Mapping, spec: TreeSpec, cfg: TreeConfig, device: torch.device) -> StitchNet:
-    """The tree's StitchNet over the loaded models (shared, frozen), stitch layers seeded per share point."""
+    """The tree's StitchNet over the loaded models (shared, frozen), stitch layers seeded per share point;
+    with ``cfg.tunes_branches`` every branch on a copy of its model (:func:`tune_branches`)."""
     seed_everything(cfg.seed * 1000 + spec.share)
-    net = StitchNet({n: models[n].adapter for n in spec.names}, {n: models[n].profile for n in spec.names},
-                    spec.stitch_specs(), kind=cfg.layer)
+    adapters = {n: models[n].adapter for n in spec.names}
+    if cfg.tunes_branches:
+        adapters.update(tune_branches(adapters, spec))
+    net = StitchNet(adapters, {n: models[n].profile for n in spec.names}, spec.stitch_specs(), kind=cfg.layer)
     return net.to(device)
+
+
+def tune_branches(adapters: Mapping, spec: TreeSpec) -> dict:
+    """A copy of every branch's model (not the trunk's) whose blocks from the branch's cut and head
+    modules are trainable and the rest frozen: what the tree's branches run when they are fine-tuned.
+    The given adapters are left as they are."""
+    out = {}
+    for name, cut in spec.branches:
+        a = copy.deepcopy(adapters[name])
+        for p in a.parameters():
+            p.requires_grad_(False)
+        for module in (*a.blocks[cut:], *a.head_modules(), *a.shared_modules()):
+            for p in module.parameters():
+                p.requires_grad_(True)
+        out[name] = a
+    return out
+
+
+def tuned_states(net: StitchNet) -> dict[str, dict[str, torch.Tensor]]:
+    """Per branch model of ``net``, its trainable parameters by name (empty when the models are frozen)."""
+    out = {}
+    for name in net.anchor_names:
+        state = {k: p.detach().cpu().clone() for k, p in net.adapter(name).named_parameters() if p.requires_grad}
+        if state:
+            out[name] = state
+    return out
+
+
+def load_tuned(adapter, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a branch's fine-tuned parameters (:func:`tuned_states`) into ``adapter``."""
+    params = dict(adapter.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KlasError(f"a tree checkpoint holds parameters its model lacks ({unknown[0]}, ...); retrain it with --overwrite")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def tree_optimizer(net: StitchNet, spec: TreeSpec, cfg: TreeConfig) -> torch.optim.Optimizer:
+    """AdamW over the stitch layers at ``lr`` and, when the branches are tuned, each branch's trainable
+    parameters at ``branch_lr_scale`` x ``lr`` (:func:`klas.optim.param_groups`)."""
+    opt = make_optimizer(net, cfg.lr, cfg.weight_decay)
+    for name, _ in spec.branches if cfg.tunes_branches else ():
+        for group in param_groups(net.adapter(name), cfg.lr * cfg.branch_lr_scale, cfg.weight_decay,
+                                  name=f"branch:{name}"):
+            opt.add_param_group(group)
+    return opt
 
 
 def _state(net: StitchNet, opt, spec: TreeSpec, cfg: TreeConfig, tf: TreeFit, cache_fingerprint: str | None) -> dict:
@@ -61,6 +115,7 @@ def _state(net: StitchNet, opt, spec: TreeSpec, cfg: TreeConfig, tf: TreeFit, ca
             "epoch": tf.epoch_done,
             "stitch_states": {sid: {k: v.detach().cpu().clone() for k, v in net.stitch_layer(sid).state_dict().items()}
                               for sid in net.stitch_ids},
+            "anchor_states": tuned_states(net),
             "optimizer": opt.state_dict(), "rng": rng_state(), "fit_r2": dict(tf.fit_r2), "history": list(tf.history),
             "layer": net.kind}
 
@@ -88,12 +143,14 @@ def start_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, 
                device: torch.device, cache_fingerprint: str | None = None) -> tuple[TreeFit, torch.optim.Optimizer]:
     """A fresh tree (least-squares init, checkpoint at epoch 0) or, with ``resume``, the checkpointed one."""
     net = build_net(models, spec, cfg, device)
-    opt = make_optimizer(net, cfg.lr, cfg.weight_decay)
+    opt = tree_optimizer(net, spec, cfg)
     path = tree_checkpoint(run_dir, spec.share)
     if cfg.resume and path.is_file():
         ckpt = load_tree_checkpoint(path, spec, cfg.recipe(), cache_fingerprint)
         for sid, sd in ckpt["stitch_states"].items():
             net.stitch_layer(sid).load_state_dict(sd)
+        for name, sd in ckpt.get("anchor_states", {}).items():
+            load_tuned(net.adapter(name), sd)
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         return TreeFit(net, int(ckpt["epoch"]), dict(ckpt["fit_r2"]), list(ckpt["history"])), opt
@@ -144,4 +201,5 @@ def train_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, 
     return tf
 
 
-__all__ = ["CHECKPOINTS", "TreeFit", "build_net", "check_tree_cache", "load_tree_checkpoint", "start_tree", "tree_checkpoint", "train_tree"]
+__all__ = ["CHECKPOINTS", "TreeFit", "build_net", "check_tree_cache", "load_tree_checkpoint", "load_tuned", "start_tree",
+           "tree_checkpoint", "tree_optimizer", "train_tree", "tune_branches", "tuned_states"]

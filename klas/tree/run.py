@@ -36,7 +36,9 @@ from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
     HELD_OUT, SPLITS, classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
-from klas.tree.fit import CHECKPOINTS, check_tree_cache, load_tree_checkpoint, train_tree, tree_checkpoint
+from klas.tree.fit import (
+    CHECKPOINTS, check_tree_cache, load_tree_checkpoint, load_tuned, train_tree, tree_checkpoint, tune_branches, tuned_states,
+)
 from klas.tree.gain import floor_model, reference, reference_sets, single_key, tree_models
 from klas.tree.prepare import Prepared, prepare
 from klas.units import FLOPS_CONVENTION
@@ -267,8 +269,9 @@ def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: Tr
 
 
 def _weights_sha256(net: StitchNet) -> str:
-    """The content hash of a trained tree's stitch layers: what its checkpoint records as ``weights_sha256``."""
-    return weights_sha256({sid: net.stitch_layer(sid).state_dict() for sid in net.stitch_ids})
+    """The content hash of a trained tree's stitch layers (and tuned branches): what its checkpoint records
+    as ``weights_sha256``."""
+    return weights_sha256({sid: net.stitch_layer(sid).state_dict() for sid in net.stitch_ids}, tuned_states(net))
 
 
 # -- the entry point --------------------------------------------------------------------------------
@@ -370,10 +373,15 @@ def trained_tree(run_dir: Path | str, share: int, *, root: Path | None = None, d
     loaded = {} if loaded is None else loaded
     if not set(spec.names) <= set(loaded):
         loaded.update({m.name: m for m in cache.load_models(device=dev, root=root or DEFAULT_ROOT)})
-    net = StitchNet({n: loaded[n].adapter for n in spec.names}, {n: loaded[n].profile for n in spec.names},
-                    spec.stitch_specs(), kind=ckpt["layer"]).to(dev)
+    adapters = {n: loaded[n].adapter for n in spec.names}
+    tuned = ckpt.get("anchor_states") or {}
+    if tuned:  # fine-tuned branches: their own copies, the shared loaded models untouched
+        adapters.update(tune_branches(adapters, spec))
+    net = StitchNet(adapters, {n: loaded[n].profile for n in spec.names}, spec.stitch_specs(), kind=ckpt["layer"]).to(dev)
     for sid, sd in ckpt["stitch_states"].items():
         net.stitch_layer(sid).load_state_dict(sd)
+    for name, sd in tuned.items():
+        load_tuned(net.adapter(name), sd)
     return StitchTree.from_net(net, spec).eval(), row, {n: loaded[n].spec.arch for n in spec.names}
 
 
