@@ -91,7 +91,8 @@ def plot(rep: dict, path: Path) -> None:
 
 
 def run(models: Sequence[str], base: TreeConfig, stages, work: Path, out_json: Path, *, limit: int | None,
-        random_init: bool, keep_cache: bool, command: str, quick: bool, console: Console | None = None) -> dict:
+        random_init: bool, keep_cache: bool, command: str, quick: bool, console: Console | None = None,
+        data: str = "digits") -> dict:
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     if not random_init:
         from klas.zoo import train_named
@@ -100,12 +101,12 @@ def run(models: Sequence[str], base: TreeConfig, stages, work: Path, out_json: P
     started = time.perf_counter()
     info = machine_info()
     cache = build_family_cache(models, work / "cache", SimpleNamespace(limit=limit, random_init=random_init), base.root,
-                               keep_cache)
+                               keep_cache, data=data)
     say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     say(f"cache {cache.path}: {dict(cache.manifest['splits'])} ({time.perf_counter() - started:.0f} s)")
     quiet = Console(file=io.StringIO(), width=160)  # the runs' own plan tables and progress stay out of the report
     rep = tree_sweep(cache.path, work / "runs", base, stages, console=quiet, progress=False, say=say)
-    rep.update(command=command, quick=quick, model_specs=list(models), machine=info, flops=FLOPS_CONVENTION,
+    rep.update(command=command, quick=quick, model_specs=list(models), data=data, machine=info, flops=FLOPS_CONVENTION,
                accuracy_unit="fraction", versions=package_versions())
     rep["machine"]["load_average_at_end"] = list(os.getloadavg())
     rep["wall_s"] = time.perf_counter() - started
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="reduced version: two tiny models, 3 steps per epoch, two stages")
     ap.add_argument("--models", help=f"M1,M2[,...]: zoo names or ALIAS:NAME=weights (default {','.join(FULL_MODELS)})")
     ap.add_argument("--limit", type=int, help=f"images per split (default {FULL_LIMIT}; quick 60)")
+    ap.add_argument("--data", default="digits", help="built-in digits set: digits (default, make demo-tree's) or digits-hard")
     ap.add_argument("--stages", help="FIELD=v1,v2;... (default: " + "; ".join(
         f"{s.field}={','.join(map(str, s.values))}" for s in DEFAULT_STAGES) + ")")
     ap.add_argument("--trunk", help="fix the trunk (default: klas tree's choice)")
@@ -155,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     command = " ".join(["python", "benchmarks/bench_tree.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     limit = args.limit or (60 if args.quick else FULL_LIMIT)
     return run(models, base, stages, work, out_json, limit=limit, random_init=args.random_init, keep_cache=args.keep_cache,
-               command=command, quick=args.quick)
+               command=command, quick=args.quick, data=args.data)
 
 
 if __name__ == "__main__":

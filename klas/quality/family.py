@@ -36,15 +36,19 @@ def _quiet() -> Console:
     return Console(file=open(os.devnull, "w"), width=120)
 
 
-def build_family_cache(models: Sequence[str], out: Path, cfg: QualityConfig, root: Path, keep: bool):
+def build_family_cache(models: Sequence[str], out: Path, cfg: QualityConfig, root: Path, keep: bool,
+                       data: str = "digits"):
+    """The cache of ``models`` over the built-in digits set ``data`` at ``out`` (``cfg.limit`` images per
+    split); with ``keep`` an earlier one there of the same models and data is reused."""
     try:
         if keep:
             cache = open_cache(out)
-            if [m["name"] for m in cache.manifest["models"]] == list(models):
+            if ([m["name"] for m in cache.manifest["models"]] == list(models)
+                    and cache.manifest["data"].get("source") == data and cache.manifest["data"].get("limit") == cfg.limit):
                 return cache
     except KlasError:
         pass
-    build_cache(list(models), "digits", out, limit=cfg.limit, random_init=cfg.random_init, seed=0, root=root,
+    build_cache(list(models), data, out, limit=cfg.limit, random_init=cfg.random_init, seed=0, root=root,
                 overwrite=True, console=_quiet(), progress=False)
     return open_cache(out)
 
