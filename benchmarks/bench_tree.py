@@ -50,16 +50,20 @@ def stage_table(rep: dict, stage: dict) -> Table:
     t = Table(title=f"stage {stage['field']}: chose {stage['chosen']!r} on the score split (trunk {rep['trunk']}, "
                     f"share points {rep['shares']})",
               caption="system top-1 % on score / eval, mean over share points; recovered gain % (eval) per share "
-                      "point; mean branch cosine to the model replaced; training steps and seconds of all share points.")
-    for col in (stage["field"], "score top-1", "eval top-1", "recovered (eval)", "per share point", "cosine", "steps", "s"):
+                      "point; mean branch cosine to the model replaced; added: mean branch top-1 % on the images its model gets "
+                      "right and the trunk's wrong (eval); training steps and seconds of all share points.")
+    for col in (stage["field"], "score top-1", "eval top-1", "recovered (eval)", "per share point", "cosine", "added",
+                "steps", "s"):
         t.add_column(col, justify="left" if col in ("per share point",) else "right")
     for value, name in zip(stage["values"], stage["runs"]):
         v = rep["variants"][name]
         per = ", ".join(f"s{s['share']} {100 * s['recovered']:.0f}%@{100 * s['extra_cost']:+.0f}%" for s in v["shares"])
         cos = [c for s in v["shares"] for c in s["cosine"].values()]
+        added = [a for s in v["shares"] for a in s.get("top1_added", {}).values() if a is not None]
         mark = " *" if value == stage["chosen"] else ""
         t.add_row(f"{value}{mark}", f"{100 * v['mean_score']:.2f}", f"{100 * v['mean_eval']:.2f}",
-                  f"{100 * v['mean_recovered']:.1f}", per, f"{sum(cos) / len(cos):.3f}", str(v["steps"]),
+                  f"{100 * v['mean_recovered']:.1f}", per, f"{sum(cos) / len(cos):.3f}",
+                  f"{100 * sum(added) / len(added):.1f}" if added else "", str(v["steps"]),
                   f"{v['train_seconds']:.0f}")
     return t
 

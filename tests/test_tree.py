@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -101,6 +102,26 @@ def test_auto_share_points_take_the_best_score_per_cost_bucket():
     assert auto_shares(rows, 1) == [6]
 
 
+def test_fidelity_counts_what_a_branch_adds_to_the_trunk():
+    """added: the images the trunk's model gets wrong and the branch's model right; top1_added: the branch there."""
+    from klas.tree.evaluate import fidelity
+
+    def outs(pred):
+        logits = np.full((6, 3), -1.0, dtype=np.float32)
+        logits[np.arange(6), pred] = 1.0
+        return {"logits": logits, "features": logits.copy()}
+
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    own = {"t": outs([1, 2, 2, 0, 1, 2]), "m": outs([0, 1, 0, 0, 1, 2])}  # t wrong on 0, 1; m right on both
+    tree = {"t": own["t"], "m": outs([0, 0, 2, 0, 1, 2])}  # the branch right on image 0 only of those two
+    fid = fidelity(tree, own, labels, trunk="t")
+    assert fid["m"]["added"] == 2 and fid["m"]["top1_added"] == 0.5 and "added" not in fid["t"]
+    assert fid["m"]["top1"] == pytest.approx(5 / 6) and fid["m"]["model_top1"] == pytest.approx(5 / 6)
+    assert "added" not in fidelity(tree, own, labels)["m"]  # no trunk given: nothing to add to
+    none = fidelity(tree, {"t": own["t"], "m": own["t"]}, labels, trunk="t")["m"]
+    assert none["added"] == 0 and none["top1_added"] is None
+
+
 # -- the stage on a real tiny cache -------------------------------------------------------------------
 
 FAST = dict(epochs=1, task_epochs=1, probe_epochs=1, latency=False, init_images=40, eval_batch_size=64)
@@ -177,6 +198,10 @@ def _check_sweep(result, profiles, names, trunk, shares):
             fid = r["fidelity"][n]
             assert -1 <= fid["cosine"] <= 1 and 0 <= fid["top1"] <= 1
         assert r["fidelity"][trunk]["cosine"] == pytest.approx(1.0)  # the trunk's branch is the model
+        assert "added" not in r["fidelity"][trunk]
+        for n in set(names) - {trunk}:
+            fid = r["fidelity"][n]
+            assert fid["added"] >= 0 and (fid["top1_added"] is None) == (fid["added"] == 0)
         for acc, rec, key in (("acc", "recovered", "acc"), ("acc_score", "recovered_score", "acc_score")):
             gain = ref["ceiling"][key] - ref["floor"][key]
             if gain > 0:

@@ -48,15 +48,24 @@ def split_outputs(system: nn.Module, data: SplitData, *, batch_size: int, device
     return {n: {k: torch.cat(v).numpy() for k, v in d.items()} for n, d in parts.items()}
 
 
-def fidelity(tree: Outputs, own: Outputs, labels: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per branch: mean cosine to the model's own features, branch top-1, model top-1, top-1 agreement."""
-    out = {}
+def fidelity(tree: Outputs, own: Outputs, labels: np.ndarray, trunk: str | None = None) -> dict[str, dict]:
+    """Per branch: mean cosine to the model's own features, branch top-1, model top-1, top-1 agreement.
+
+    With ``trunk``, also what running the branch's model adds to the trunk's: ``added``, the images
+    the trunk's model gets wrong and the branch's model right, and ``top1_added``, the branch's top-1 on
+    them (None when there are none) -- the part of a model a tree must reproduce to recover its gain."""
+    out: dict[str, dict] = {}
+    trunk_wrong = None if trunk is None else own[trunk]["logits"].argmax(1) != labels
     for name, d in tree.items():
         a, b = torch.from_numpy(d["features"]), torch.from_numpy(own[name]["features"])
         cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
         pred, ref = d["logits"].argmax(1), own[name]["logits"].argmax(1)
         out[name] = {"cosine": float(cos.mean()), "top1": float(np.mean(pred == labels)),
                      "model_top1": float(np.mean(ref == labels)), "agreement": float(np.mean(pred == ref))}
+        if trunk_wrong is not None and name != trunk:
+            added = trunk_wrong & (ref == labels)
+            out[name]["added"] = int(added.sum())
+            out[name]["top1_added"] = float(np.mean(pred[added] == labels[added])) if added.any() else None
     return out
 
 

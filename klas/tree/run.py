@@ -197,7 +197,7 @@ def evaluate_trees(cache, names: list[str], trees: dict[int, StitchTree], own: d
     fid = {}
     for s, tree in trees.items():
         out = {split: split_outputs(tree, data[split], batch_size=cfg.eval_batch_size, device=device) for split in SPLITS}
-        fid[s] = fidelity(out["eval"], own["eval"], data["eval"].labels.numpy())
+        fid[s] = fidelity(out["eval"], own["eval"], data["eval"].labels.numpy(), tree.spec.trunk)
         for split in SPLITS:
             feats[split][f"tree:{s}"] = concat(out[split], tree.spec.names)
     acc = classifier_accuracy(feats["probe-train"], {s: feats[s] for s in HELD_OUT}, data["probe-train"].labels.numpy(),

@@ -103,6 +103,7 @@ def variant_row(manifest: dict, overrides: dict[str, Any]) -> dict:
             "share": r["share"], "extra_cost": r["extra_cost"], "acc": r["acc"], "acc_score": r["acc_score"],
             "recovered": r["recovered"], "recovered_score": r["recovered_score"],
             "cosine": {n: f["cosine"] for n, f in r["fidelity"].items() if n != manifest["trunk"]},
+            "top1_added": {n: f.get("top1_added") for n, f in r["fidelity"].items() if n != manifest["trunk"]},
             "train_seconds": sum(h["seconds"] for h in r["history"]), "steps": sum(h["steps"] for h in r["history"]),
         })
     mean = lambda k: float(np.mean([s[k] for s in shares]))  # noqa: E731
