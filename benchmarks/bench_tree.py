@@ -59,7 +59,7 @@ def stage_table(rep: dict, stage: dict) -> Table:
         v = rep["variants"][name]
         per = ", ".join(f"s{s['share']} {100 * s['recovered']:.0f}%@{100 * s['extra_cost']:+.0f}%" for s in v["shares"])
         cos = [c for s in v["shares"] for c in s["cosine"].values()]
-        added = [a for s in v["shares"] for a in s.get("top1_added", {}).values() if a is not None]
+        added = [a for s in v["shares"] for a in s["top1_added"].values() if a is not None]
         mark = " *" if value == stage["chosen"] else ""
         t.add_row(f"{value}{mark}", f"{100 * v['mean_score']:.2f}", f"{100 * v['mean_eval']:.2f}",
                   f"{100 * v['mean_recovered']:.1f}", per, f"{sum(cos) / len(cos):.3f}",

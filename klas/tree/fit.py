@@ -43,12 +43,14 @@ def tree_checkpoint(run_dir: Path, share: int) -> Path:
 
 @dataclass
 class TreeFit:
-    """A tree's network, how far it trained, the least-squares fit's R² and the per-epoch history."""
+    """A tree's network, how far it trained, the least-squares fit's R², the per-epoch history and the
+    ``weights_sha256`` of its latest checkpoint (what ``tree.json`` records as ``checkpoint_sha256``)."""
 
     net: StitchNet
     epoch_done: int
     fit_r2: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    weights_sha256: str | None = None
 
 
 def build_net(models: Mapping, spec: TreeSpec, cfg: TreeConfig, device: torch.device) -> StitchNet:
@@ -153,11 +155,11 @@ def start_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, 
             load_tuned(net.adapter(name), sd)
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        return TreeFit(net, int(ckpt["epoch"]), dict(ckpt["fit_r2"]), list(ckpt["history"])), opt
+        return TreeFit(net, int(ckpt["epoch"]), dict(ckpt["fit_r2"]), list(ckpt["history"]), ckpt["weights_sha256"]), opt
     r2 = init_stitches(net, data, images=cfg.init_images, ridge=cfg.ridge, seed=cfg.seed,
                        batch_size=cfg.eval_batch_size, device=device)
     tf = TreeFit(net, 0, r2, [])
-    save_checkpoint(path, _state(net, opt, spec, cfg, tf, cache_fingerprint))
+    tf.weights_sha256 = save_checkpoint(path, _state(net, opt, spec, cfg, tf, cache_fingerprint))
     return tf, opt
 
 
@@ -194,7 +196,8 @@ def train_tree(run_dir: Path, models: Mapping, spec: TreeSpec, cfg: TreeConfig, 
                   "seconds": time.perf_counter() - t0}
         tf.history.append(record)
         tf.epoch_done = epoch
-        save_checkpoint(tree_checkpoint(run_dir, spec.share), _state(tf.net, opt, spec, cfg, tf, cache_fingerprint))
+        tf.weights_sha256 = save_checkpoint(tree_checkpoint(run_dir, spec.share),
+                                            _state(tf.net, opt, spec, cfg, tf, cache_fingerprint))
         console.print(f"tree s={spec.share}: epoch {epoch}/{cfg.total_epochs} {record['loss_kind']} loss "
                       f"{record['loss']:.4f} ({steps} steps, {record['seconds']:.1f} s)")
         budget[0] -= 1

@@ -30,14 +30,14 @@ from klas.stitch.latency import find_profile
 from klas.stitch.network import StitchNet
 from klas.stitch.tree import AllModels, StitchTree, TreeSpec, check_share, tree_cost
 from klas.term import make_console
-from klas.train.checkpoint import load_checkpoint, weights_sha256
+from klas.train.checkpoint import load_checkpoint
 from klas.tree.choose import Scores, auto_shares, candidate_trees, chosen_specs, rank_trunks
 from klas.tree.config import TreeConfig
 from klas.tree.evaluate import (
     HELD_OUT, SPLITS, classifier_accuracy, concat, fidelity, latency_ms, recovered_gain, split_outputs,
 )
 from klas.tree.fit import (
-    CHECKPOINTS, check_tree_cache, load_tree_checkpoint, load_tuned, train_tree, tree_checkpoint, tune_branches, tuned_states,
+    CHECKPOINTS, check_tree_cache, load_tree_checkpoint, load_tuned, train_tree, tree_checkpoint, tune_branches,
 )
 from klas.tree.gain import floor_model, reference, reference_sets, single_key, tree_models
 from klas.tree.prepare import Prepared, prepare
@@ -252,7 +252,7 @@ def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: Tr
             "acc": a["eval"], "recovered": recovered_gain(a["eval"], floor["eval"], ceiling["eval"]),
             "acc_score": a["score"], "recovered_score": recovered_gain(a["score"], floor["score"], ceiling["score"]),
             "fidelity": ev["fidelity"][s], "latency_ms": lat.get(f"tree:{s}"), "latency_pred_ms": pred.get(f"tree:{s}"),
-            "fit_r2": fits[s].fit_r2, "history": fits[s].history, "checkpoint_sha256": _weights_sha256(fits[s].net),
+            "fit_r2": fits[s].fit_r2, "history": fits[s].history, "checkpoint_sha256": fits[s].weights_sha256,
         })
     largest = ref["largest"]["macs"]
     reference = {
@@ -266,12 +266,6 @@ def tree_rows(cache, names: list[str], plan: Plan, fits: dict, ev: dict, cfg: Tr
                         "acc_score": acc["score"][single_key(n)]} for n in names},
     }
     return rows, reference
-
-
-def _weights_sha256(net: StitchNet) -> str:
-    """The content hash of a trained tree's stitch layers (and tuned branches): what its checkpoint records
-    as ``weights_sha256``."""
-    return weights_sha256({sid: net.stitch_layer(sid).state_dict() for sid in net.stitch_ids}, tuned_states(net))
 
 
 # -- the entry point --------------------------------------------------------------------------------
